@@ -1,0 +1,51 @@
+# transferlab: `make train` sets up and runs the default job, `make test` the test suite.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install data train test test-slow lint format ui clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Fashion-MNIST from Debian's package when we can install it; otherwise the first run
+# downloads it through torchvision (online machines only).
+data:
+	@test -f $(FMNIST) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; \
+	  else \
+	    echo "note: Fashion-MNIST is not installed; run 'sudo apt-get install dataset-fashion-mnist' to use it offline"; \
+	  fi; }
+
+train: install data
+	$(BIN)/transferlab train $(ARGS)
+
+test: install data
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-slow: install data
+	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+ui: install
+	$(BIN)/transferlab ui
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,255 @@
+"""`transferlab train`: fine-tune, validate, test and record one run (or a Hydra sweep).
+
+Usable as ``python -m transferlab.train [overrides]`` too.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from transferlab.errors import UserError
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+    from transferlab.data import TransferDataModule
+    from transferlab.tracking import TrackedRun
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+# Known, harmless warnings that would bury the useful output.
+QUIET_WARNINGS = (
+    ".*does not have many workers.*",
+    ".*The number of training batches .* is smaller than the logging interval.*",
+    ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Catch config mistakes before any heavy work starts."""
+    if cfg.mode not in ("min", "max"):
+        raise UserError(f"mode={cfg.mode!r} must be 'min' or 'max'")
+    if not str(cfg.monitor).startswith("val/"):
+        raise UserError(f"monitor={cfg.monitor!r} must be a validation metric such as val/acc")
+    if not isinstance(cfg.seed, int):
+        raise UserError(f"seed={cfg.seed!r} must be an integer")
+    for name, entry in (cfg.get("callbacks") or {}).items():
+        if not isinstance(entry, Mapping) or "_target_" not in entry:
+            raise UserError(f"callbacks.{name} needs a _target_ (a callback class path)")
+
+
+def build_datamodule(cfg: DictConfig) -> TransferDataModule:
+    from transferlab.data import TransferDataModule
+    from transferlab.models import model_data_config
+
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    augment = OmegaConf.to_container(cfg.augment, resolve=True) if cfg.get("augment") else None
+    try:
+        datamodule = TransferDataModule(
+            **data_cfg, seed=cfg.seed, data_config=model_data_config(cfg.model), augment=augment
+        )
+    except TypeError as err:
+        raise UserError(f"data config: {err}") from None
+    datamodule.setup("fit")
+    return datamodule
+
+
+def instantiate(node: DictConfig, allowed: list[str], where: str) -> Any:
+    """Build ``node`` from its ``_target_``, which must match one of ``allowed_targets``."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(node, _execution_whitelist_=list(allowed))
+    except InstantiationException as err:
+        if "whitelist" not in str(err):
+            raise
+        raise UserError(
+            f"{where}: _target_ {node.get('_target_')!r} is not in allowed_targets; "
+            f"to trust it, add its package: 'allowed_targets=[{','.join(allowed)},your_pkg.*]'"
+        ) from None
+
+
+def build_callbacks(cfg: DictConfig | None, allowed: list[str]) -> list[pl.Callback]:
+    return [instantiate(entry, allowed, f"callbacks.{name}") for name, entry in (cfg or {}).items()]
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, logger: Any, root_dir: str) -> pl.Trainer:
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    options = OmegaConf.to_container(cfg, resolve=True)
+    if not logger:  # nothing to record learning rates into
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    try:
+        return pl.Trainer(
+            **options,
+            callbacks=callbacks,
+            logger=logger,
+            default_root_dir=root_dir,
+            enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        )
+    except TypeError as err:
+        raise UserError(f"trainer config: {err}") from None
+
+
+def run_name(cfg: DictConfig, overrides: list[str]) -> str:
+    if cfg.tracking.get("run_name"):
+        return str(cfg.tracking.run_name)
+    shown = [o for o in overrides if not o.startswith(("model=", "hydra."))]
+    return " ".join([f"{cfg.model.name}-{cfg.finetune.strategy}", *shown])[:250]
+
+
+def task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def record_setup(
+    run: TrackedRun, cfg: DictConfig, datamodule: TransferDataModule, network: Any
+) -> None:
+    """Config as params; provenance as tags; the config files as artifacts."""
+    from transferlab.tracking import provenance
+    from transferlab.tracking.params import flatten
+
+    run.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    overrides = task_overrides()
+    run.set_tags(
+        {
+            **provenance.git_state(Path(__file__).parent),
+            "command": provenance.command_line(),
+            "overrides": " ".join(overrides) or "(none)",
+            "output_dir": cfg.paths.output_dir,
+            "data.fingerprint": datamodule.fingerprint(),
+            "data.summary": datamodule.summary(),
+            **{f"version.{k}": v for k, v in provenance.package_versions().items()},
+        }
+    )
+    total = sum(p.numel() for p in network.parameters())
+    run.log_params({"model.params_total": str(total)})
+    hydra_dir = Path(cfg.paths.output_dir) / ".hydra"
+    if hydra_dir.is_dir():
+        run.log_artifact(hydra_dir, "config")
+
+
+def record_results(
+    run: TrackedRun, cfg: DictConfig, module: Any, datamodule: Any, best_path: str | None
+) -> None:
+    """Confusion matrix, per-class metrics and the best checkpoint as artifacts."""
+    import matplotlib.pyplot as plt
+
+    from transferlab.reports import confusion_figure, per_class_metrics
+
+    confusion = module.test_confusion.compute().cpu().numpy()
+    names = list(datamodule.class_names)
+    figure = confusion_figure(confusion, names, title=f"{cfg.model.name}: test set")
+    run.log_figure(figure, "test/confusion_matrix.png")
+    plt.close(figure)
+    rows = per_class_metrics(confusion, names)
+    header = ",".join(rows[0])
+    lines = [",".join(str(v) for v in row.values()) for row in rows]
+    run.log_text("\n".join([header, *lines]) + "\n", "test/per_class_metrics.csv")
+    if best_path and cfg.tracking.get("log_checkpoint", True):
+        run.log_artifact(best_path, "checkpoints")
+
+
+def print_summary(test_metrics: Mapping[str, float], run: TrackedRun | None, cfg) -> None:
+    width = max(len(k) for k in test_metrics) if test_metrics else 0
+    lines = ["", "Test metrics:"]
+    lines += [f"  {k:<{width}}  {v:.4f}" for k, v in sorted(test_metrics.items())]
+    if run is not None:
+        lines += [
+            f"MLflow run: {run.run_id} (experiment {cfg.tracking.experiment_name!r}, "
+            f"store {run.tracking_uri})",
+            "Dashboard:  transferlab ui   then open "
+            f"http://127.0.0.1:5000/#/experiments/{run.experiment_id}/runs/{run.run_id}",
+        ]
+    print("\n".join(lines), flush=True)
+
+
+def run(cfg: DictConfig) -> float:
+    """Train, validate and test one configuration; return the best monitored metric."""
+    import contextlib
+
+    import pytorch_lightning as pl
+    import torch
+
+    from transferlab.finetune import build_strategy
+    from transferlab.models import build_classifier
+    from transferlab.module import TransferModule
+    from transferlab.tracking import ensure_experiment, start_run
+    from transferlab.tracking.store import resolve_tracking_uri
+
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    validate(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = build_datamodule(cfg)
+    network = build_classifier(cfg.model, num_classes=datamodule.num_classes)
+    strategy = build_strategy(cfg.finetune)
+    allowed = list(cfg.allowed_targets)
+    scheduler = instantiate(cfg.scheduler, allowed, "scheduler") if cfg.get("scheduler") else None
+    module = TransferModule(
+        network,
+        num_classes=datamodule.num_classes,
+        optimizer=instantiate(cfg.optimizer, allowed, "optimizer"),
+        scheduler=scheduler,
+        backbone_lr_mult=strategy.backbone_lr_mult,
+        label_smoothing=cfg.loss.label_smoothing,
+        class_names=list(datamodule.class_names),
+    )
+    callbacks = [*build_callbacks(cfg.get("callbacks"), allowed), strategy]
+
+    tracking = cfg.tracking
+    tracked = contextlib.nullcontext(None)
+    if tracking.enabled:
+        uri = resolve_tracking_uri(tracking.uri, tracking.store_dir)
+        experiment_id = ensure_experiment(tracking.experiment_name, uri, tracking.store_dir)
+        tracked = start_run(uri, experiment_id, run_name(cfg, task_overrides()))
+
+    with tracked as run:
+        logger = run.logger() if run is not None else False
+        trainer = build_trainer(cfg.trainer, callbacks, logger, cfg.paths.output_dir)
+        if run is not None:
+            record_setup(run, cfg, datamodule, network)
+        trainer.fit(module, datamodule=datamodule)
+        checkpoint = trainer.checkpoint_callback
+        best_path = checkpoint.best_model_path if checkpoint is not None else None
+        results = trainer.test(
+            module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False
+        )
+        test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
+        if run is not None:
+            record_results(run, cfg, module, datamodule, best_path)
+
+    print_summary(test_metrics, run, cfg)
+    if checkpoint is not None and checkpoint.best_model_score is not None:
+        return float(checkpoint.best_model_score)
+    value = trainer.callback_metrics.get(cfg.monitor)
+    return float(value) if isinstance(value, torch.Tensor) else float("nan")
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return run(cfg)
+    except UserError as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweep records this job as failed and goes on
+        print(f"transferlab: error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The commands a user runs, through the real CLI, Hydra and an MLflow sqlite store."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+BIN = Path(sys.executable).parent
+
+# A tiny real run: digits at 32 px, two short epochs, lite0 with its packaged weights.
+SMOKE = ["experiment=smoke", "trainer.max_epochs=2", "trainer.limit_train_batches=4"]
+
+
+def transferlab(*args: str, cwd: Path, module: str | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", module, *args] if module else [str(BIN / "transferlab"), *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def train(tmp_path: Path, *overrides: str, name: str = "run") -> subprocess.CompletedProcess:
+    return transferlab(
+        "train", *SMOKE, f"hydra.run.dir={tmp_path / 'outputs' / name}", *overrides, cwd=tmp_path
+    )
+
+
+def parse_test_metrics(stdout: str) -> dict[str, float]:
+    return {k: float(v) for k, v in re.findall(r"^\s+(test/\S+)\s+([0-9.]+)$", stdout, re.M)}
+
+
+def client_for(tmp_path: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+
+
+def test_help_lists_commands_quickly(tmp_path: Path) -> None:
+    result = transferlab("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "train" in result.stdout and "ui" in result.stdout
+
+
+def test_train_help_lists_groups_and_options(tmp_path: Path) -> None:
+    result = transferlab("train", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for line in ("model: ", "finetune: full, linear_probe", "optimizer: adamw, sgd"):
+        assert line in result.stdout
+    assert "efficientnet_lite0" in result.stdout and "resnet18_scratch" in result.stdout
+
+
+def test_python_module_entry_point_matches_console_script(tmp_path: Path) -> None:
+    args = ("model=resnet50", "optimizer.lr=3e-4", "seed=7", "--cfg", "job")
+    via_cli = transferlab("train", *args, cwd=tmp_path)
+    via_module = transferlab(*args, cwd=tmp_path, module="transferlab.train")
+    assert via_cli.returncode == 0 and via_module.returncode == 0, via_cli.stderr
+    assert via_cli.stdout == via_module.stdout
+    assert "name: resnet50" in via_cli.stdout and "lr: 0.0003" in via_cli.stdout
+    assert "seed: 7" in via_cli.stdout
+
+
+def test_train_records_a_finished_mlflow_run(tmp_path: Path) -> None:
+    result = train(tmp_path, "data.samples_per_class=20", "tracking.experiment_name=e2e")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
+    assert "transferlab ui" in result.stdout
+    printed = parse_test_metrics(result.stdout)
+    assert {"test/acc", "test/f1", "test/top5"} <= set(printed)
+
+    client = client_for(tmp_path)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "e2e"
+    params = run.data.params
+    assert params["model.name"] == "tf_efficientnet_lite0"
+    assert params["data.source"] == "digits"
+    assert params["data.samples_per_class"] == "20"
+    assert params["finetune.strategy"] == "full"
+    assert params["seed"] == "0"
+    assert int(params["model.params_total"]) > 3_000_000
+    tags = run.data.tags
+    for key in ("git.commit", "git.dirty", "command", "overrides", "data.fingerprint"):
+        assert tags.get(key), key
+    assert "data.samples_per_class=20" in tags["overrides"]
+    assert tags["version.torch"] and tags["version.mlflow"]
+    assert tags["mlflow.runName"].startswith("tf_efficientnet_lite0-full")
+
+    metrics = run.data.metrics
+    assert metrics["test/acc"] == pytest.approx(printed["test/acc"], abs=1e-4)
+    val_history = client.get_metric_history(run_id, "val/acc")
+    assert len(val_history) == 2  # one per epoch
+    assert "train/loss_epoch" in metrics and "lr-AdamW/head" in metrics
+
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config", "test", "checkpoints"} <= artifacts
+    config_files = {Path(a.path).name for a in client.list_artifacts(run_id, "config")}
+    assert {"config.yaml", "overrides.yaml"} <= config_files
+    test_files = {Path(a.path).name for a in client.list_artifacts(run_id, "test")}
+    assert {"confusion_matrix.png", "per_class_metrics.csv"} <= test_files
+    checkpoints = client.list_artifacts(run_id, "checkpoints")
+    assert len(checkpoints) == 1 and checkpoints[0].path.endswith(".ckpt")
+    local = Path(client.download_artifacts(run_id, "test/per_class_metrics.csv", str(tmp_path)))
+    rows = local.read_text().splitlines()
+    assert rows[0] == "class,support,precision,recall,f1" and len(rows) == 11
+
+
+def test_long_config_values_are_not_cut(tmp_path: Path) -> None:
+    long_name = "x" * 400
+    result = train(tmp_path, f"tracking.run_name={long_name[:200]}", f"+note={long_name}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
+    assert client_for(tmp_path).get_run(run_id).data.params["note"] == long_name
+
+
+def test_same_seed_same_metrics_other_seed_differs(tmp_path: Path) -> None:
+    runs = [
+        train(tmp_path, "tracking=none", f"seed={seed}", name=f"s{i}")
+        for i, seed in enumerate((0, 0, 1))
+    ]
+    for result in runs:
+        assert result.returncode == 0, result.stderr[-3000:]
+    first, again, other = (parse_test_metrics(r.stdout) for r in runs)
+    assert first and first == again
+    assert first != other
+
+
+def test_crash_ends_the_run_failed(tmp_path: Path) -> None:
+    result = train(tmp_path, "optimizer.lr=-1")
+    assert result.returncode != 0
+    client = client_for(tmp_path)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "smoke"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FAILED"
+    assert "learning rate" in run.data.tags["error"].lower()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model.name=resnet5O"], "did you mean"),
+        (["data=image_folder", "data.root=/no/such/folder"], "/no/such/folder"),
+        (["model=no_such_model"], "Available options in 'model'"),
+        (["optimizer.lrr=0.1"], "Did you mean: 'lr'"),
+        (["finetune.bn=sometimes"], "finetune.bn"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(
+    tmp_path: Path, overrides: list[str], expected: str
+) -> None:
+    result = train(tmp_path, "tracking=none", *overrides)
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_ui_without_a_store_says_what_to_do(tmp_path: Path) -> None:
+    result = transferlab("ui", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "run `transferlab train` here first" in result.stderr

@@ -1,0 +1,105 @@
+"""Every option of every config group composes and builds what it describes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from transferlab.errors import UserError
+from transferlab.finetune import STRATEGIES, build_strategy
+from transferlab.train import CONF_DIR, build_callbacks, build_trainer, instantiate
+
+GROUPS = ["data", "model", "augment", "optimizer", "scheduler", "finetune", "trainer"]
+GROUPS += ["callbacks", "tracking", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_train(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR)):
+        cfg = compose("train", overrides=list(overrides))
+    # Outside a Hydra run the hydra:runtime resolvers have no value: pin the paths.
+    with open_dict(cfg):
+        cfg.paths.root = str(tmp_path)
+        cfg.paths.output_dir = str(tmp_path / "out")
+    return cfg
+
+
+ALL_OPTIONS = [(group, option) for group in GROUPS for option in options(group)]
+
+
+@pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
+def test_every_option_composes_and_resolves(tmp_path: Path, group: str, option: str) -> None:
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("data", "image_folder"):
+        overrides.append("data.root=/images")
+    cfg = compose_train(tmp_path, *overrides)
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert resolved["monitor"] == "val/acc"
+
+
+def test_groups_have_the_documented_options() -> None:
+    assert {"efficientnet_lite0", "resnet50", "vgg16", "inception_v3"} <= set(options("model"))
+    assert {"mobilenetv3_large_100", "resnet18_scratch"} <= set(options("model"))
+    assert {"fashion_mnist", "digits", "image_folder", "cifar10"} <= set(options("data"))
+    assert {"none", "basic", "randaugment"} <= set(options("augment"))
+    assert {"cosine", "onecycle", "none"} <= set(options("scheduler"))
+    assert set(options("finetune")) == set(STRATEGIES)
+
+
+def test_monitor_is_declared_once_and_interpolated(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, "monitor=val/f1", "mode=max")
+    assert cfg.callbacks.model_checkpoint.monitor == "val/f1"
+    assert cfg.callbacks.early_stopping.monitor == "val/f1"
+    texts = [p.read_text() for p in CONF_DIR.rglob("*.yaml") if p.name != "train.yaml"]
+    assert not any("monitor: val/" in text for text in texts)
+
+
+@pytest.mark.parametrize("option", options("optimizer"))
+@pytest.mark.parametrize("scheduler", options("scheduler"))
+def test_optimizer_and_scheduler_instantiate(tmp_path: Path, option: str, scheduler: str) -> None:
+    cfg = compose_train(tmp_path, f"optimizer={option}", f"scheduler={scheduler}")
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = instantiate(cfg.optimizer, cfg.allowed_targets, "optimizer")([{"params": params}])
+    assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
+    if cfg.scheduler is not None:
+        schedule = instantiate(cfg.scheduler, cfg.allowed_targets, "scheduler")(
+            optimizer, total_steps=10, steps_per_epoch=5
+        )
+        lrs = []
+        for _ in range(10):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        assert max(lrs) <= cfg.optimizer.lr * (1 + 1e-6)
+        assert lrs[-1] < max(lrs)
+
+
+@pytest.mark.parametrize("option", options("callbacks"))
+def test_callbacks_and_trainer_instantiate(tmp_path: Path, option: str) -> None:
+    cfg = compose_train(tmp_path, f"callbacks={option}", "trainer=debug")
+    callbacks = build_callbacks(cfg.callbacks, cfg.allowed_targets)
+    trainer = build_trainer(cfg.trainer, callbacks, logger=False, root_dir=str(tmp_path))
+    assert isinstance(trainer, pl.Trainer)
+    assert trainer.max_epochs == 1
+    assert (trainer.checkpoint_callback is not None) == (option != "none")
+
+
+@pytest.mark.parametrize("option", options("finetune"))
+def test_finetune_options_build_their_strategy(tmp_path: Path, option: str) -> None:
+    cfg = compose_train(tmp_path, f"finetune={option}")
+    strategy = build_strategy(cfg.finetune)
+    assert strategy.name == option
+
+
+def test_targets_outside_the_allowed_list_are_refused(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, "+callbacks.evil._target_=subprocess.Popen")
+    with pytest.raises(UserError, match="not in allowed_targets"):
+        build_callbacks(cfg.callbacks, cfg.allowed_targets)
