@@ -103,3 +103,33 @@ def test_targets_outside_the_allowed_list_are_refused(tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, "+callbacks.evil._target_=subprocess.Popen")
     with pytest.raises(UserError, match="not in allowed_targets"):
         build_callbacks(cfg.callbacks, cfg.allowed_targets)
+
+
+def test_data_options_build_their_datamodule(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from transferlab.train import build_datamodule
+
+    for name in ("a", "b"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (20 + i, 30), (40 * i, 0, 0)).save(
+                tmp_path / "images" / name / f"{i}.png"
+            )
+    built = {
+        "fashion_mnist": build_datamodule(compose_train(tmp_path, "data.samples_per_class=3")),
+        "digits": build_datamodule(compose_train(tmp_path, "data=digits")),
+        "image_folder": build_datamodule(
+            compose_train(tmp_path, "data=image_folder", f"data.root={tmp_path / 'images'}")
+        ),
+    }
+    assert built["fashion_mnist"].num_classes == 10 and len(built["fashion_mnist"].train_set) == 30
+    assert built["digits"].num_classes == 10
+    assert built["image_folder"].class_names == ("a", "b")
+    x, _ = built["image_folder"].train_set[0]
+    assert tuple(x.shape) == (3, 224, 224)
+    offline = compose_train(
+        tmp_path, "data=cifar10", f"data.root={tmp_path}", "data.download=false"
+    )
+    with pytest.raises(UserError, match="CIFAR-10"):
+        build_datamodule(offline)
