@@ -14,7 +14,8 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from transferlab.optim import OptimizerFactory, SchedulerFactory, apply_lr_mult, param_groups
+from transferlab.finetune import FinetuneStrategy
+from transferlab.optim import OptimizerFactory, SchedulerFactory, apply_lr_mult
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -31,8 +32,9 @@ def classification_metrics(num_classes: int) -> MetricCollection:
 class TransferModule(pl.LightningModule):
     """Trains ``network`` (a ``Classifier``: ``.backbone`` + ``.head``) with cross-entropy.
 
-    The head learns at the optimizer's ``lr`` and the backbone at ``lr * backbone_lr_mult``;
-    which parameters train at all is decided by the fine-tuning strategy callback.
+    The fine-tuning strategy (also a callback of the Trainer) decides the parameter groups
+    and their learning-rate multipliers, and which of them train in each epoch. A batch of
+    2-d inputs is taken as cached backbone features and goes through the head alone.
     """
 
     def __init__(
@@ -41,18 +43,18 @@ class TransferModule(pl.LightningModule):
         num_classes: int,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
-        backbone_lr_mult: float = 1.0,
+        finetune: FinetuneStrategy | None = None,
         label_smoothing: float = 0.0,
         class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            ignore=["network", "optimizer", "scheduler"],
+            ignore=["network", "optimizer", "scheduler", "finetune"],
         )
         self.network = network
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.backbone_lr_mult = backbone_lr_mult
+        self.finetune = finetune or FinetuneStrategy()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         metrics = classification_metrics(num_classes)
         self.train_metrics = metrics.clone(prefix="train/")
@@ -61,7 +63,7 @@ class TransferModule(pl.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)
+        return self.network.head(x) if x.ndim == 2 else self.network(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch
@@ -100,20 +102,16 @@ class TransferModule(pl.LightningModule):
         self.test_metrics.reset()
 
     def configure_optimizers(self):
-        groups = param_groups(
-            {
-                "head": (self.network.head, 1.0),
-                "backbone": (self.network.backbone, self.backbone_lr_mult),
-            }
-        )
+        groups = self.finetune.param_groups(self.network)
         optimizer = self.optimizer_factory(groups)
         apply_lr_mult(optimizer)
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
+        restarts = [epoch * steps_per_epoch for epoch in self.finetune.restart_epochs()]
         scheduler = self.scheduler_factory(
-            optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch
+            optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, restarts=restarts
         )
         return {
             "optimizer": optimizer,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -19,21 +19,23 @@ def _is_no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(".bias")
 
 
-def param_groups(
-    modules: dict[str, tuple[nn.Module, float]],
-) -> list[dict]:
-    """One decay and one no-decay group per named module, with its learning-rate multiplier.
+NamedParams = nn.Module | Iterable[tuple[str, nn.Parameter]]
 
-    Only trainable parameters are included, so frozen ones get no optimizer state. Each
-    group carries ``name`` and ``lr_mult``; ``apply_lr_mult`` turns them into learning rates
-    once the optimizer has filled in its defaults.
+
+def param_groups(parts: dict[str, tuple[NamedParams, float]]) -> list[dict]:
+    """One decay and one no-decay group per named part, with its learning-rate multiplier.
+
+    A part is a module or a list of ``(name, parameter)``. Frozen parameters are included
+    too: they get no gradient, hence no optimizer state and no weight decay, until a
+    strategy unfreezes them. Each group carries ``name`` and ``lr_mult``; ``apply_lr_mult``
+    turns them into learning rates once the optimizer has filled in its defaults.
     """
     groups = []
-    for group_name, (module, lr_mult) in modules.items():
+    for group_name, (part, lr_mult) in parts.items():
+        named = part.named_parameters() if isinstance(part, nn.Module) else part
         decay, no_decay = [], []
-        for name, param in module.named_parameters():
-            if param.requires_grad:
-                (no_decay if _is_no_decay(name, param) else decay).append(param)
+        for name, param in named:
+            (no_decay if _is_no_decay(name, param) else decay).append(param)
         if decay:
             groups.append({"params": decay, "name": group_name, "lr_mult": lr_mult})
         if no_decay:
@@ -61,15 +63,26 @@ def cosine_with_warmup(
     steps_per_epoch: int,
     warmup_epochs: float = 1.0,
     min_lr_ratio: float = 0.0,
+    restarts: Sequence[int] = (),
 ) -> LambdaLR:
-    """Linear warm-up over ``warmup_epochs``, then cosine decay to ``min_lr_ratio`` of each lr."""
+    """Linear warm-up over ``warmup_epochs``, then cosine decay to ``min_lr_ratio`` of each lr.
+
+    At each step in ``restarts`` (a new fine-tuning phase) the cycle starts again, warm-up
+    included, and runs to the next restart or the end. The factor depends on the step alone,
+    so a resumed run continues the same schedule.
+    """
     total_steps = max(1, total_steps)
-    warmup = min(round(warmup_epochs * steps_per_epoch), total_steps // 2)
+    bounds = [0, *sorted(r for r in restarts if 0 < r < total_steps), total_steps]
+    warmup_steps = round(warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        index = max(i for i, start in enumerate(bounds[:-1]) if step >= start)
+        start, end = bounds[index], bounds[index + 1]
+        warmup = min(warmup_steps, (end - start) // 2)
+        t = step - start
+        if t < warmup:
+            return (t + 1) / warmup
+        progress = min(1.0, (t - warmup) / max(1, end - start - warmup))
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
@@ -82,9 +95,10 @@ def one_cycle(
     pct_start: float = 0.3,
     div_factor: float = 25.0,
     final_div_factor: float = 1e4,
+    restarts: Sequence[int] = (),
 ) -> OneCycleLR:
-    """One-cycle policy peaking at each group's own learning rate."""
-    del steps_per_epoch
+    """One-cycle policy peaking at each group's own learning rate (one cycle: no restarts)."""
+    del steps_per_epoch, restarts
     max_lrs = [group["lr"] for group in optimizer.param_groups]
     return OneCycleLR(
         optimizer,

@@ -80,7 +80,9 @@ def build_callbacks(cfg: DictConfig | None, allowed: list[str]) -> list[pl.Callb
     return [instantiate(entry, allowed, f"callbacks.{name}") for name, entry in (cfg or {}).items()]
 
 
-def build_trainer(cfg: DictConfig, callbacks: list, logger: Any, root_dir: str) -> pl.Trainer:
+def build_trainer(
+    cfg: DictConfig, callbacks: list, logger: Any, root_dir: str, **extra: Any
+) -> pl.Trainer:
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
@@ -94,9 +96,31 @@ def build_trainer(cfg: DictConfig, callbacks: list, logger: Any, root_dir: str) 
             logger=logger,
             default_root_dir=root_dir,
             enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+            **extra,
         )
     except TypeError as err:
         raise UserError(f"trainer config: {err}") from None
+
+
+def with_feature_cache(
+    datamodule: TransferDataModule, strategy: Any, max_epochs: int
+) -> tuple[pl.LightningDataModule, dict[str, Any]]:
+    """The data to fit on (cached features where valid) and the Trainer options it needs."""
+    from transferlab.finetune.cache import FeatureCacheDataModule, cache_blocker
+
+    blocker = cache_blocker(strategy, datamodule.augment_name, max_epochs)
+    if blocker is not None:
+        if strategy.frozen_epochs() > 0 and strategy.feature_cache:
+            print(f"Feature cache off: {blocker}.", flush=True)
+        return datamodule, {}
+    frozen = strategy.frozen_epochs()
+    print(
+        f"Feature cache on: the frozen backbone runs once; the head trains on its features"
+        f" for {'every epoch' if frozen >= max_epochs else f'the first {frozen} epochs'}.",
+        flush=True,
+    )
+    cached = FeatureCacheDataModule(datamodule, strategy)
+    return cached, ({"reload_dataloaders_every_n_epochs": 1} if frozen < max_epochs else {})
 
 
 def run_name(cfg: DictConfig, overrides: list[str]) -> str:
@@ -202,7 +226,7 @@ def run(cfg: DictConfig) -> float:
         num_classes=datamodule.num_classes,
         optimizer=instantiate(cfg.optimizer, allowed, "optimizer"),
         scheduler=scheduler,
-        backbone_lr_mult=strategy.backbone_lr_mult,
+        finetune=strategy,
         label_smoothing=cfg.loss.label_smoothing,
         class_names=list(datamodule.class_names),
     )
@@ -217,10 +241,11 @@ def run(cfg: DictConfig) -> float:
 
     with tracked as run:
         logger = run.logger() if run is not None else False
-        trainer = build_trainer(cfg.trainer, callbacks, logger, cfg.paths.output_dir)
+        fit_data, extra = with_feature_cache(datamodule, strategy, cfg.trainer.max_epochs)
+        trainer = build_trainer(cfg.trainer, callbacks, logger, cfg.paths.output_dir, **extra)
         if run is not None:
             record_setup(run, cfg, datamodule, network)
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=fit_data)
         checkpoint = trainer.checkpoint_callback
         best_path = checkpoint.best_model_path if checkpoint is not None else None
         results = trainer.test(

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from torch.utils.data import DataLoader
 
 from transferlab.data import splits
 from transferlab.data.datasets import ImageDataset
+from transferlab.data.samplers import EpochShuffleSampler
 from transferlab.data.sources import ImageSet, load_source
 from transferlab.data.transforms import (
     augment_name,
@@ -151,8 +151,7 @@ class TransferDataModule(pl.LightningDataModule):
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
+            sampler=EpochShuffleSampler(len(self.train_set), self.seed),
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

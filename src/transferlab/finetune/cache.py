@@ -1,0 +1,104 @@
+"""Feature cache: while the whole backbone is frozen and the inputs do not change from epoch
+to epoch, compute its features once and train the head on them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from transferlab.data.samplers import EpochShuffleSampler
+from transferlab.finetune.strategies import FinetuneStrategy
+
+
+def cache_blocker(strategy: FinetuneStrategy, augment_name: str, max_epochs: int) -> str | None:
+    """Why the feature cache must stay off for this run, or None when it can be used."""
+    if not strategy.feature_cache:
+        return "finetune.feature_cache=false"
+    if strategy.frozen_epochs() == 0:
+        return f"finetune={strategy.name} trains the backbone from the first epoch"
+    if augment_name != "none":
+        return f"augment={augment_name} changes the images every epoch"
+    if max_epochs == 1:
+        return "a single epoch reads every image once anyway"
+    return None
+
+
+@torch.inference_mode()
+def extract_features(
+    backbone: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, desc: str
+) -> TensorDataset:
+    """The backbone's pooled features (eval mode) and the labels of every item of ``dataset``."""
+    from tqdm.auto import tqdm
+
+    was_training = backbone.training
+    backbone.eval()
+    features, labels = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for images, targets in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        features.append(backbone(images.to(device)).float().cpu())
+        labels.append(torch.as_tensor(targets))
+    backbone.train(was_training)
+    return TensorDataset(torch.cat(features), torch.cat(labels))
+
+
+class FeatureCacheDataModule(pl.LightningDataModule):
+    """Wraps an image DataModule: cached features during the frozen epochs, images after.
+
+    Loaders are built once and reused; both shuffle by (seed, epoch), so the head sees the
+    same batches as it would from the image loader. The Trainer must
+    reload dataloaders every epoch when the frozen phase ends before the run does.
+    """
+
+    def __init__(self, images: pl.LightningDataModule, strategy: FinetuneStrategy) -> None:
+        super().__init__()
+        self.images = images
+        self.strategy = strategy
+        self._loaders: dict[str, DataLoader] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        self.images.setup(stage)
+
+    def _frozen_now(self) -> bool:
+        return self.trainer.current_epoch < self.strategy.frozen_epochs()
+
+    def _features(self, split: str, dataset: Dataset, shuffle: bool, batch_size: int):
+        key = f"features/{split}"
+        if key not in self._loaders:
+            module = self.trainer.lightning_module
+            cached = extract_features(
+                module.network.backbone,
+                dataset,
+                self.images.eval_batch_size,
+                module.device,
+                desc=f"Caching {split} features",
+            )
+            sampler = EpochShuffleSampler(len(cached), self.images.seed) if shuffle else None
+            self._loaders[key] = DataLoader(cached, batch_size=batch_size, sampler=sampler)
+        return self._loaders[key]
+
+    def _images(self, split: str, make: Any) -> DataLoader:
+        key = f"images/{split}"
+        if key not in self._loaders:
+            self._loaders[key] = make()
+        return self._loaders[key]
+
+    def train_dataloader(self) -> DataLoader:
+        if self._frozen_now():
+            return self._features(
+                "train", self.images.train_set, shuffle=True, batch_size=self.images.batch_size
+            )
+        return self._images("train", self.images.train_dataloader)
+
+    def val_dataloader(self) -> DataLoader:
+        if self._frozen_now():
+            return self._features(
+                "val", self.images.val_set, shuffle=False, batch_size=self.images.eval_batch_size
+            )
+        return self._images("val", self.images.val_dataloader)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.images.test_dataloader()
