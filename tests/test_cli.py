@@ -13,6 +13,7 @@ import mlflow
 import pytest
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny real run: digits at 32 px, two short epochs, lite0 with its packaged weights.
 SMOKE = ["experiment=smoke", "trainer.max_epochs=2", "trainer.limit_train_batches=4"]
@@ -109,6 +110,17 @@ def test_train_records_a_finished_mlflow_run(tmp_path: Path) -> None:
     local = Path(client.download_artifacts(run_id, "test/per_class_metrics.csv", str(tmp_path)))
     rows = local.read_text().splitlines()
     assert rows[0] == "class,support,precision,recall,f1" and len(rows) == 11
+
+    report = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "experiment_report.py"), "--experiment", "e2e"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stderr
+    (row,) = [line for line in report.stdout.splitlines() if run_id[:8] in line]
+    assert row.startswith("| full | ") and f"{printed['test/acc']:.4f}" in row
 
 
 def test_long_config_values_are_not_cut(tmp_path: Path) -> None:

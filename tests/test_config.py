@@ -51,7 +51,7 @@ def test_groups_have_the_documented_options() -> None:
     assert {"fashion_mnist", "digits", "image_folder", "cifar10"} <= set(options("data"))
     assert {"none", "basic", "randaugment"} <= set(options("augment"))
     assert {"cosine", "onecycle", "none"} <= set(options("scheduler"))
-    assert set(options("finetune")) == set(STRATEGIES)
+    assert set(options("finetune")) == {*STRATEGIES, "from_scratch"}
 
 
 def test_monitor_is_declared_once_and_interpolated(tmp_path: Path) -> None:
@@ -96,7 +96,10 @@ def test_callbacks_and_trainer_instantiate(tmp_path: Path, option: str) -> None:
 def test_finetune_options_build_their_strategy(tmp_path: Path, option: str) -> None:
     cfg = compose_train(tmp_path, f"finetune={option}")
     strategy = build_strategy(cfg.finetune)
-    assert strategy.name == option
+    if option == "from_scratch":
+        assert strategy.name == "full" and cfg.model.pretrained is False
+    else:
+        assert strategy.name == option
 
 
 def test_targets_outside_the_allowed_list_are_refused(tmp_path: Path) -> None:

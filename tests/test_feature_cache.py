@@ -107,3 +107,40 @@ def test_cache_turns_itself_off_when_it_would_be_wrong(finetune, augment, epochs
         assert blocker is None
     else:
         assert reason in blocker
+
+
+def test_lbfgs_probe_starts_from_the_logistic_regression_solution():
+    from sklearn.linear_model import LogisticRegression
+
+    class Capture(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            features, labels = trainer.datamodule.features("train").tensors
+            with torch.no_grad():
+                self.predicted = pl_module.network.head(features).argmax(1)
+            self.features, self.labels = features, labels
+
+    pl.seed_everything(0)
+    images = digits()
+    pretrained = {"name": "tf_efficientnet_lite0", "pretrained": True, "weights": "package"}
+    network = build_classifier(pretrained, num_classes=images.num_classes)
+    strategy = build_strategy({"strategy": "linear_probe", "probe_solver": "lbfgs"})
+    module = TransferModule(
+        network,
+        num_classes=images.num_classes,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
+        finetune=strategy,
+    )
+    capture = Capture()
+    pl.Trainer(
+        max_epochs=1,
+        callbacks=[strategy, capture],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+    ).fit(module, datamodule=FeatureCacheDataModule(images, strategy))
+    reference = LogisticRegression(C=1.0, tol=1e-10, max_iter=5000)
+    reference.fit(capture.features.numpy(), capture.labels.numpy())
+    expected = reference.predict(capture.features.numpy())
+    assert len(set(expected)) == images.num_classes  # a real, non-degenerate solution
+    assert (capture.predicted.numpy() == expected).mean() >= 0.98

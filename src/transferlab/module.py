@@ -71,7 +71,7 @@ class TransferModule(pl.LightningModule):
         loss = self.criterion(logits, y)
         self.train_metrics.update(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        return loss
+        return loss if loss.requires_grad else None  # None: nothing trains (a solved probe)
 
     def on_train_epoch_end(self) -> None:
         self.log_dict(self.train_metrics.compute())

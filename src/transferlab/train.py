@@ -6,6 +6,7 @@ Usable as ``python -m transferlab.train [overrides]`` too.
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -115,8 +116,8 @@ def with_feature_cache(
         return datamodule, {}
     frozen = strategy.frozen_epochs()
     print(
-        f"Feature cache on: the frozen backbone runs once; the head trains on its features"
-        f" for {'every epoch' if frozen >= max_epochs else f'the first {frozen} epochs'}.",
+        "Feature cache on: the frozen backbone runs once and the head trains on its cached"
+        f" features {'in every epoch' if frozen >= max_epochs else f'in the first {frozen} epoch(s)'}.",
         flush=True,
     )
     cached = FeatureCacheDataModule(datamodule, strategy)
@@ -186,8 +187,8 @@ def record_results(
 
 def print_summary(test_metrics: Mapping[str, float], run: TrackedRun | None, cfg) -> None:
     width = max(len(k) for k in test_metrics) if test_metrics else 0
-    lines = ["", "Test metrics:"]
-    lines += [f"  {k:<{width}}  {v:.4f}" for k, v in sorted(test_metrics.items())]
+    lines = ["", "Test metrics and timings:"]
+    lines += [f"  {k:<{width}}  {v:.4f}" for k, v in test_metrics.items()]
     if run is not None:
         lines += [
             f"MLflow run: {run.run_id} (experiment {cfg.tracking.experiment_name!r}, "
@@ -245,17 +246,22 @@ def run(cfg: DictConfig) -> float:
         trainer = build_trainer(cfg.trainer, callbacks, logger, cfg.paths.output_dir, **extra)
         if run is not None:
             record_setup(run, cfg, datamodule, network)
+        started = time.perf_counter()
         trainer.fit(module, datamodule=fit_data)
+        fit_seconds = time.perf_counter() - started
         checkpoint = trainer.checkpoint_callback
         best_path = checkpoint.best_model_path if checkpoint is not None else None
+        started = time.perf_counter()
         results = trainer.test(
             module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False
         )
+        timings = {"time/fit_s": fit_seconds, "time/test_s": time.perf_counter() - started}
         test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
         if run is not None:
+            run.log_metrics(timings)
             record_results(run, cfg, module, datamodule, best_path)
 
-    print_summary(test_metrics, run, cfg)
+    print_summary({**test_metrics, **timings}, run, cfg)
     if checkpoint is not None and checkpoint.best_model_score is not None:
         return float(checkpoint.best_model_score)
     value = trainer.callback_metrics.get(cfg.monitor)

@@ -27,7 +27,7 @@ def cache_blocker(strategy: FinetuneStrategy, augment_name: str, max_epochs: int
     return None
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def extract_features(
     backbone: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, desc: str
 ) -> TensorDataset:
@@ -58,6 +58,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         self.images = images
         self.strategy = strategy
         self._loaders: dict[str, DataLoader] = {}
+        self._features: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         self.images.setup(stage)
@@ -65,17 +66,23 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     def _frozen_now(self) -> bool:
         return self.trainer.current_epoch < self.strategy.frozen_epochs()
 
-    def _features(self, split: str, dataset: Dataset, shuffle: bool, batch_size: int):
-        key = f"features/{split}"
-        if key not in self._loaders:
+    def features(self, split: str) -> TensorDataset:
+        """The backbone's features of ``split`` ("train" or "val"), computed once."""
+        if split not in self._features:
             module = self.trainer.lightning_module
-            cached = extract_features(
+            self._features[split] = extract_features(
                 module.network.backbone,
-                dataset,
+                {"train": self.images.train_set, "val": self.images.val_set}[split],
                 self.images.eval_batch_size,
                 module.device,
                 desc=f"Caching {split} features",
             )
+        return self._features[split]
+
+    def _feature_loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        key = f"features/{split}"
+        if key not in self._loaders:
+            cached = self.features(split)
             sampler = EpochShuffleSampler(len(cached), self.images.seed) if shuffle else None
             self._loaders[key] = DataLoader(cached, batch_size=batch_size, sampler=sampler)
         return self._loaders[key]
@@ -88,15 +95,13 @@ class FeatureCacheDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self._frozen_now():
-            return self._features(
-                "train", self.images.train_set, shuffle=True, batch_size=self.images.batch_size
-            )
+            return self._feature_loader("train", shuffle=True, batch_size=self.images.batch_size)
         return self._images("train", self.images.train_dataloader)
 
     def val_dataloader(self) -> DataLoader:
         if self._frozen_now():
-            return self._features(
-                "val", self.images.val_set, shuffle=False, batch_size=self.images.eval_batch_size
+            return self._feature_loader(
+                "val", shuffle=False, batch_size=self.images.eval_batch_size
             )
         return self._images("val", self.images.val_dataloader)
 

@@ -22,6 +22,7 @@ from transferlab.finetune.stages import backbone_stages, stage_modules
 from transferlab.optim import param_groups
 
 BN_POLICIES = ("frozen", "eval", "train")
+PROBE_SOLVERS = ("optimizer", "lbfgs")
 ALL = math.inf
 
 
@@ -64,6 +65,8 @@ class FinetuneStrategy(pl.Callback):
         layer_decay: float = 1.0,
         bn: str = "frozen",
         feature_cache: bool = True,
+        probe_solver: str = "optimizer",
+        probe_C: float = 1.0,
     ) -> None:
         if bn not in BN_POLICIES:
             raise UserError(f"finetune.bn={bn!r} is not one of {', '.join(BN_POLICIES)}")
@@ -71,6 +74,14 @@ class FinetuneStrategy(pl.Callback):
             raise UserError(f"finetune.backbone_lr_mult={backbone_lr_mult} must be >= 0")
         if not 0 < layer_decay <= 1:
             raise UserError(f"finetune.layer_decay={layer_decay} must be in (0, 1]")
+        if probe_solver not in PROBE_SOLVERS:
+            raise UserError(
+                f"finetune.probe_solver={probe_solver!r} is not one of {', '.join(PROBE_SOLVERS)}"
+            )
+        if probe_C <= 0:
+            raise UserError(f"finetune.probe_C={probe_C} must be > 0")
+        self.probe_solver = probe_solver
+        self.probe_C = float(probe_C)
         self.backbone_lr_mult = float(backbone_lr_mult)
         self.layer_decay = float(layer_decay)
         self.bn = bn
@@ -79,6 +90,7 @@ class FinetuneStrategy(pl.Callback):
         self._stage_modules: list[list[nn.Module]] = []
         self._trainable: int | None = None
         self._logged: int | None = None
+        self._head_solved = False
 
     # What trains when -------------------------------------------------------------------
     def trainable_stages(self, epoch: int, num_stages: int) -> int:
@@ -137,6 +149,32 @@ class FinetuneStrategy(pl.Callback):
                 step=trainer.global_step,
             )
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """With ``probe_solver=lbfgs``, start the head at the converged logistic regression."""
+        if self.probe_solver != "lbfgs" or trainer.current_epoch > 0 or self.frozen_epochs() == 0:
+            return
+        from transferlab.finetune.probe import fit_logistic_regression, linear_layer
+
+        features = getattr(trainer.datamodule, "features", None)
+        layer = linear_layer(pl_module.network.head)
+        if features is None or layer is None:
+            print(
+                "probe_solver=lbfgs needs the feature cache and a linear head: the head "
+                "trains with the optimizer instead.",
+                flush=True,
+            )
+            return
+        train = features("train")
+        loss = fit_logistic_regression(layer, *train.tensors, C=self.probe_C)
+        self._head_solved = True
+        self._trainable = None  # re-apply: the solved head now stays fixed while frozen
+        self.apply(pl_module, trainer.current_epoch)
+        print(
+            f"Linear head fitted by L-BFGS on {len(train)} cached features (loss {loss:.4f}); "
+            "it stays fixed while the backbone is frozen.",
+            flush=True,
+        )
+
     def apply(self, pl_module: pl.LightningModule, epoch: int) -> bool:
         """Set ``requires_grad`` for ``epoch``; True when the trainable set changed."""
         count = min(len(self.stages), self.trainable_stages(epoch, len(self.stages)))
@@ -147,7 +185,8 @@ class FinetuneStrategy(pl.Callback):
         for i, names in enumerate(self.stages):
             for name in names:
                 named[name].requires_grad_(i >= first_trainable)
-        set_requires_grad(list(pl_module.network.head.modules()), True)
+        head_trains = count > 0 or not self._head_solved
+        set_requires_grad(list(pl_module.network.head.modules()), head_trains)
         self._trainable = count
         return True
 
