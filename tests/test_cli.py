@@ -98,6 +98,7 @@ def test_train_records_a_finished_mlflow_run(tmp_path: Path) -> None:
     val_history = client.get_metric_history(run_id, "val/acc")
     assert len(val_history) == 2  # one per epoch
     assert "train/loss_epoch" in metrics and "lr-AdamW/head" in metrics
+    assert metrics["params/trainable"] == metrics["params/total"] > 3_000_000  # full
 
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config", "test", "checkpoints"} <= artifacts
