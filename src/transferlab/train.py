@@ -185,10 +185,10 @@ def record_results(
         run.log_artifact(best_path, "checkpoints")
 
 
-def print_summary(test_metrics: Mapping[str, float], run: TrackedRun | None, cfg) -> None:
-    width = max(len(k) for k in test_metrics) if test_metrics else 0
+def print_summary(results: Mapping[str, float], run: TrackedRun | None, cfg) -> None:
+    width = max(len(k) for k in results) if results else 0
     lines = ["", "Test metrics and timings:"]
-    lines += [f"  {k:<{width}}  {v:.4f}" for k, v in test_metrics.items()]
+    lines += [f"  {k:<{width}}  {v:.4f}" for k, v in results.items()]
     if run is not None:
         lines += [
             f"MLflow run: {run.run_id} (experiment {cfg.tracking.experiment_name!r}, "

@@ -26,10 +26,9 @@ PROBE_SOLVERS = ("optimizer", "lbfgs")
 ALL = math.inf
 
 
-def set_requires_grad(modules: Sequence[nn.Module] | nn.Module, trainable: bool) -> None:
-    for module in [modules] if isinstance(modules, nn.Module) else modules:
-        for param in module.parameters(recurse=False):
-            param.requires_grad_(trainable)
+def set_requires_grad(module: nn.Module, trainable: bool) -> None:
+    for param in module.parameters():
+        param.requires_grad_(trainable)
 
 
 def is_frozen(module: nn.Module) -> bool:
@@ -186,7 +185,7 @@ class FinetuneStrategy(pl.Callback):
             for name in names:
                 named[name].requires_grad_(i >= first_trainable)
         head_trains = count > 0 or not self._head_solved
-        set_requires_grad(list(pl_module.network.head.modules()), head_trains)
+        set_requires_grad(pl_module.network.head, head_trains)
         self._trainable = count
         return True
 
@@ -237,9 +236,6 @@ class Partial(FinetuneStrategy):
                 f"{num_stages} stages"
             )
         return num_stages - self.freeze_stages
-
-    def frozen_epochs(self) -> float:
-        return 0  # unknown until the backbone is known; never wrongly cached
 
 
 class Gradual(FinetuneStrategy):
