@@ -1,4 +1,4 @@
-"""The ``transferlab`` command: ``train`` (Hydra) and ``ui`` (the MLflow dashboard).
+"""The ``transferlab`` command: ``train`` (Hydra), ``compare`` (sweeps) and ``ui`` (MLflow).
 
 Kept light: nothing heavy is imported until a subcommand needs it, so ``--help`` is instant.
 """
@@ -20,6 +20,8 @@ commands:
   train   fine-tune, validate, test and log one run; -m for a sweep
           (Hydra overrides: transferlab train model=resnet18 optimizer.lr=3e-4 seed=1;
            transferlab train --help lists every config group and option)
+  compare print and save the comparison table and chart of a sweep or experiment
+          (transferlab compare multirun/train/<date>/<time> | <parent run id> | <experiment>)
   ui      open the MLflow dashboard for the local run store (mlruns/ here)
 
 options:
@@ -71,7 +73,13 @@ def ui(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "ui": ui}
+def compare(argv: list[str]) -> int:
+    from transferlab.sweeps.compare import main as compare_main
+
+    return compare_main(argv)
+
+
+COMMANDS = {"train": train, "compare": compare, "ui": ui}
 
 
 def main(argv: list[str] | None = None) -> int:

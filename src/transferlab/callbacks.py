@@ -1,0 +1,71 @@
+"""Lightning callbacks every run uses: a divergence guard and an image counter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from transferlab.errors import UserError
+
+
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite."""
+
+
+class DivergenceGuard(pl.Callback):
+    """Stop a run whose training loss is NaN or infinite, with an error that says what to do.
+
+    The check is folded into a flag on the loss's device and read every ``every_n_steps``
+    steps and at each epoch end, so it adds no per-step host sync on an accelerator.
+    """
+
+    def __init__(self, every_n_steps: int = 20) -> None:
+        self.every_n_steps = every_n_steps
+        self._bad: torch.Tensor | None = None
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        bad = ~torch.isfinite(loss.detach())
+        self._bad = bad if self._bad is None else self._bad | bad
+        if (batch_idx + 1) % self.every_n_steps == 0:
+            self._check(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check(trainer)
+
+    def _check(self, trainer: pl.Trainer) -> None:
+        if self._bad is not None and bool(self._bad):
+            raise TrainingDiverged(
+                f"the training loss became NaN or infinite by epoch {trainer.current_epoch} "
+                f"(step {trainer.global_step}): lower optimizer.lr, or clip gradients with "
+                "trainer.gradient_clip_val=1.0"
+            )
+        self._bad = None
+
+
+class ImageCounter(pl.Callback):
+    """Counts the training images seen (images per second = images / fit time)."""
+
+    def __init__(self) -> None:
+        self.images = 0
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self.images += len(batch[1])

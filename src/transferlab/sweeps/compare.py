@@ -1,0 +1,80 @@
+"""``transferlab compare``: a sweep's (or an experiment's) table, CSV, Markdown and chart."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+from transferlab.errors import UserError
+from transferlab.sweeps.callback import SWEEP_FILE
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def load(target: str, store_dir: str, monitor: str, mode: str):
+    """The comparison ``target`` names, and the folder its files go to by default."""
+    import mlflow
+
+    from transferlab.reports import comparison as cmp
+    from transferlab.tracking.store import default_store_uri
+
+    sweep_file = Path(target) / SWEEP_FILE
+    if sweep_file.is_file():
+        info = json.loads(sweep_file.read_text())
+        client = mlflow.MlflowClient(info["tracking_uri"])
+        return cmp.load_sweep(client, info["parent_run_id"]), Path(target)
+    if Path(target).is_dir():
+        raise UserError(
+            f"{target} has no {SWEEP_FILE}: it is not the folder of a sweep run with tracking on"
+        )
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        if not (Path(store_dir) / "mlflow.db").exists():
+            raise UserError(
+                f"no run store at {Path(store_dir).resolve()}/mlflow.db; pass --store-dir DIR"
+            )
+        uri = default_store_uri(store_dir)
+    client = mlflow.MlflowClient(uri)
+    if RUN_ID.match(target):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client.get_run(target)
+        except MlflowException:
+            raise UserError(f"no run {target} in {uri}") from None
+        return cmp.load_sweep(client, target), Path("comparison") / target[:8]
+    experiment = client.get_experiment_by_name(target)
+    if experiment is None:
+        names = ", ".join(e.name for e in client.search_experiments())
+        raise UserError(
+            f"{target!r} is not a sweep folder, a run id or an experiment in {uri} "
+            f"(experiments: {names or 'none'})"
+        )
+    return cmp.load_experiment(client, experiment, monitor, mode), Path("comparison") / target
+
+
+def main(argv: list[str]) -> int:
+    from transferlab.reports import comparison as cmp
+
+    parser = argparse.ArgumentParser(
+        prog="transferlab compare",
+        description="Compare the runs of a sweep (its folder or parent run id) or of an "
+        "experiment: print the table and write comparison.csv, .md and .png.",
+    )
+    parser.add_argument("target", help="sweep folder (multirun/...), parent run id, or experiment")
+    parser.add_argument("--out", type=Path, help="where the files go (default: the sweep folder)")
+    parser.add_argument("--store-dir", default="mlruns", help="local store folder (mlruns)")
+    parser.add_argument("--monitor", default="val/acc", help="for an experiment: metric to rank by")
+    parser.add_argument("--mode", choices=("max", "min"), default="max")
+    args = parser.parse_args(argv)
+
+    comparison, default_out = load(args.target, args.store_dir, args.monitor, args.mode)
+    if not comparison.rows:
+        raise UserError(f"{args.target}: no runs to compare yet")
+    print(f"{cmp.markdown(comparison)}\n\n{cmp.summary(comparison)}")
+    paths = cmp.write_all(comparison, args.out or default_out)
+    print("Wrote " + ", ".join(str(p) for p in paths))
+    return 0
