@@ -1,4 +1,4 @@
-"""Lightning callbacks every run uses: a divergence guard and an image counter."""
+"""The Lightning callback every run uses: an image counter and a divergence guard."""
 
 from __future__ import annotations
 
@@ -14,15 +14,17 @@ class TrainingDiverged(UserError):
     """The training loss became NaN or infinite."""
 
 
-class DivergenceGuard(pl.Callback):
-    """Stop a run whose training loss is NaN or infinite, with an error that says what to do.
+class TrainingWatch(pl.Callback):
+    """Counts the training images seen and stops a run whose loss turns NaN or infinite.
 
-    The check is folded into a flag on the loss's device and read every ``every_n_steps``
-    steps and at each epoch end, so it adds no per-step host sync on an accelerator.
+    Images per second is ``images`` / fit time. The loss check is folded into a flag on
+    the loss's device and read every ``every_n_steps`` steps and at each epoch end, so it
+    adds no per-step host sync on an accelerator.
     """
 
     def __init__(self, every_n_steps: int = 20) -> None:
         self.every_n_steps = every_n_steps
+        self.images = 0
         self._bad: torch.Tensor | None = None
 
     def on_train_batch_end(
@@ -33,6 +35,7 @@ class DivergenceGuard(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        self.images += len(batch[1])
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor):
             return
@@ -52,20 +55,3 @@ class DivergenceGuard(pl.Callback):
                 "trainer.gradient_clip_val=1.0"
             )
         self._bad = None
-
-
-class ImageCounter(pl.Callback):
-    """Counts the training images seen (images per second = images / fit time)."""
-
-    def __init__(self) -> None:
-        self.images = 0
-
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        self.images += len(batch[1])

@@ -286,7 +286,7 @@ def run(cfg: DictConfig) -> float:
 def fit_and_test(cfg: DictConfig, run: TrackedRun | None) -> float:
     import torch
 
-    from transferlab.callbacks import DivergenceGuard, ImageCounter
+    from transferlab.callbacks import TrainingWatch
     from transferlab.finetune import build_strategy
     from transferlab.models import build_classifier
     from transferlab.module import TransferModule
@@ -305,9 +305,8 @@ def fit_and_test(cfg: DictConfig, run: TrackedRun | None) -> float:
         label_smoothing=cfg.loss.label_smoothing,
         class_names=list(datamodule.class_names),
     )
-    counter = ImageCounter()
-    callbacks = [*build_callbacks(cfg.get("callbacks"), allowed), strategy]
-    callbacks += [DivergenceGuard(), counter]
+    watch = TrainingWatch()
+    callbacks = [*build_callbacks(cfg.get("callbacks"), allowed), strategy, watch]
 
     logger = run.logger() if run is not None else False
     fit_data, extra = with_feature_cache(datamodule, strategy, cfg.trainer.max_epochs)
@@ -332,7 +331,7 @@ def fit_and_test(cfg: DictConfig, run: TrackedRun | None) -> float:
     test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
     summary = {
         f"best/{cfg.monitor}": best,
-        "perf/train_images_per_s": counter.images / fit_seconds,
+        "perf/train_images_per_s": watch.images / fit_seconds,
         **timings,
     }
     if run is not None:
