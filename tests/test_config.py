@@ -15,7 +15,7 @@ from transferlab.finetune import STRATEGIES, build_strategy
 from transferlab.train import CONF_DIR, build_callbacks, build_trainer, instantiate
 
 GROUPS = ["data", "model", "augment", "optimizer", "scheduler", "finetune", "trainer"]
-GROUPS += ["callbacks", "tracking", "experiment"]
+GROUPS += ["callbacks", "tracking", "experiment", "hparams_search"]
 
 
 def options(group: str) -> list[str]:
@@ -52,6 +52,21 @@ def test_groups_have_the_documented_options() -> None:
     assert {"none", "basic", "randaugment"} <= set(options("augment"))
     assert {"cosine", "onecycle", "none"} <= set(options("scheduler"))
     assert set(options("finetune")) == {*STRATEGIES, "from_scratch"}
+
+
+def test_sweep_presets_compose_with_their_hydra_settings(tmp_path: Path) -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR)):
+        grid = compose("train", ["experiment=backbone_comparison"], return_hydra_config=True)
+        search = compose("train", ["hparams_search=fmnist_optuna"], return_hydra_config=True)
+        slurm = compose("train", ["hydra/launcher=slurm"], return_hydra_config=True)
+    assert grid.hydra.sweeper.params.model.count("efficientnet_lite") == 3
+    assert grid.hydra.sweeper.params.seed == "0,1,2"
+    sweeper = search.hydra.sweeper
+    assert sweeper._target_.endswith("ResumableOptunaSweeper")
+    assert sweeper.max_failure_rate == 1.0 and sweeper.study_name == "fmnist_optuna"
+    assert search.finetune.strategy == "partial" and "finetune.freeze_stages" in sweeper.params
+    assert slurm.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert slurm.hydra.launcher.gpus_per_node == 1 and slurm.hydra.launcher.cpus_per_task == 8
 
 
 def test_monitor_is_declared_once_and_interpolated(tmp_path: Path) -> None:
