@@ -87,7 +87,10 @@ def build_trainer(
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
+    from transferlab.runtime import RUNTIME_KEYS
+
     options = OmegaConf.to_container(cfg, resolve=True)
+    options = {k: v for k, v in options.items() if k not in RUNTIME_KEYS}
     if not logger:  # nothing to record learning rates into
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     try:
@@ -209,12 +212,14 @@ def run(cfg: DictConfig) -> float:
     from transferlab.finetune import build_strategy
     from transferlab.models import build_classifier
     from transferlab.module import TransferModule
+    from transferlab.runtime import Runtime
     from transferlab.tracking import ensure_experiment, start_run
     from transferlab.tracking.store import resolve_tracking_uri
 
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     validate(cfg)
+    runtime = Runtime.from_config(cfg.trainer)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = build_datamodule(cfg)
@@ -230,6 +235,7 @@ def run(cfg: DictConfig) -> float:
         finetune=strategy,
         label_smoothing=cfg.loss.label_smoothing,
         class_names=list(datamodule.class_names),
+        runtime=runtime,
     )
     callbacks = [*build_callbacks(cfg.get("callbacks"), allowed), strategy]
 
