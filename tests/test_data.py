@@ -14,6 +14,7 @@ from PIL import Image
 
 from transferlab.data import TransferDataModule
 from transferlab.data import sources as data_sources
+from transferlab.data.datamodule import resolve_num_workers, resolve_pin_memory, usable_cores
 from transferlab.data.datasets import to_mode
 from transferlab.data.sources import load_source
 from transferlab.data.transforms import (
@@ -353,3 +354,19 @@ def test_train_transforms_are_fused_too(augment: str) -> None:
     transform = create_train_transform(resolve_data_config(None, 32), {"name": augment})
     assert isinstance(transform.transforms[-1], ToNormalizedTensor)
     assert transform(Image.new("RGB", (40, 40))).shape == (3, 32, 32)
+
+
+def test_loader_defaults_follow_the_machine() -> None:
+    workers = resolve_num_workers("auto")
+    assert workers == (0 if usable_cores() <= 2 else min(8, usable_cores() // 2))
+    assert resolve_num_workers(3) == 3
+    assert resolve_pin_memory("auto") == torch.cuda.is_available()
+    assert resolve_pin_memory(True) is True
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("num_workers", -1), ("num_workers", "many"), ("pin_memory", "yes")]
+)
+def test_bad_loader_options_are_user_errors(name: str, value) -> None:
+    with pytest.raises(UserError, match=f"data.{name}="):
+        TransferDataModule("digits", **{name: value})
