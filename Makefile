@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install data train test test-slow lint format ui clean
+.PHONY: install data train test test-slow lint format ui bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,14 @@ format: install
 
 ui: install
 	$(BIN)/transferlab ui
+
+# Full-size benchmarks (about 20 minutes on 2 cores); tables on stdout, JSON in bench-results/.
+bench: install data
+	$(BIN)/python scripts/bench_overhead.py
+	$(BIN)/python scripts/bench_startup.py
+	$(BIN)/python scripts/bench_data.py
+	$(BIN)/python scripts/bench_memory.py
+	$(BIN)/python scripts/bench_feature_cache.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache
