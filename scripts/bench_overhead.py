@@ -29,11 +29,11 @@ import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
+from timm.data import create_transform
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab.data.datasets import to_mode
-from transferlab.data.transforms import create_eval_transform
 from transferlab.models import build_classifier
 from transferlab.train import CONF_DIR, build_datamodule
 from transferlab.train import run as transferlab_run
@@ -157,7 +157,15 @@ def run_plain(cfg, args: argparse.Namespace, fast: bool) -> dict[str, float]:
     bf16_train = fast and str(cfg.trainer.precision).startswith("bf16")
     torch.manual_seed(cfg.seed)
     data = build_datamodule(cfg)
-    transform = create_eval_transform(data.data_config)
+    config = data.data_config
+    transform = create_transform(  # timm's own eval transform, as a user would call it
+        input_size=config["input_size"],
+        interpolation=config["interpolation"],
+        mean=config["mean"],
+        std=config["std"],
+        crop_pct=config["crop_pct"],
+        crop_mode=config["crop_mode"],
+    )
     train = PerSampleImages(data.train_set, transform, data.image_mode)
     test = PerSampleImages(data.test_set, transform, data.image_mode)
     model = build_classifier(cfg.model, num_classes=data.num_classes)
