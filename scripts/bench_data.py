@@ -86,7 +86,7 @@ def model_rates(cfg, image_size: int, batch: int, steps: int) -> dict[str, float
 
 
 def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR)):
         cfg = compose("train", overrides=overrides)
     with open_dict(cfg):
         cfg.paths.root = cfg.paths.output_dir = "."
@@ -139,17 +139,20 @@ def main() -> None:
             name, rows = bench_dataset(overrides, workers, max_images, steps)
             results[name] = [{k: round(v, 2) for k, v in row.items()} for row in rows]
 
-    header = ("dataset", "workers", "loader train", "loader eval", "model train", "model eval")
-    print(f"{header[0]:<22}" + "".join(f"{h:>14}" for h in header[1:]) + "   (images/s)")
+    header = ("workers", "loader train", "loader eval", "model train", "model eval", "headroom")
+    print(f"{'images/s':<22}" + "".join(f"{h:>14}" for h in header))
     for name, rows in results.items():
         for row in rows:
-            values = [
-                row["loader_train_img_s"],
-                row["loader_eval_img_s"],
-                row["model_train_img_s"],
-                row["model_eval_img_s"],
-            ]
-            print(f"{name:<22}{row['num_workers']:>14}" + "".join(f"{v:>14.0f}" for v in values))
+            keys = (
+                "loader_train_img_s",
+                "loader_eval_img_s",
+                "model_train_img_s",
+                "model_eval_img_s",
+            )
+            values = "".join(f"{row[k]:>14.0f}" for k in keys)
+            headroom = f"{row['headroom_train']:.0f}x / {row['headroom_eval']:.1f}x"
+            print(f"{name:<22}{row['num_workers']:>14}{values}{headroom:>14}")
+    print("headroom: loader over model images/s, training / evaluation")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 

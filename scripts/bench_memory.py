@@ -48,7 +48,7 @@ def config(tiny: bool, workdir: Path):
     overrides = ["tracking.experiment_name=bench_memory"]
     if tiny:
         overrides += ["experiment=smoke", "trainer.max_epochs=4", "trainer.limit_train_batches=3"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR)):
         cfg = compose("train", overrides=overrides)
     with open_dict(cfg):
         cfg.paths.root = str(workdir)

@@ -104,7 +104,7 @@ def config(args: argparse.Namespace, workdir: Path):
         overrides += ["data=digits", "data.image_size=32", "data.samples_per_class=null"]
     if args.device == "cuda":
         overrides.append("trainer=gpu")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR)):
         cfg = compose("train", overrides=overrides + args.overrides)
     with open_dict(cfg):
         cfg.paths.root = str(workdir)
