@@ -48,7 +48,10 @@ ui: install
 	$(BIN)/transferlab ui
 
 # Full-size benchmarks (about 20 minutes on 2 cores); tables on stdout, JSON in bench-results/.
+# The scripts import torch before transferlab, so they get the CLI's OpenMP policy from here.
+bench: export OMP_WAIT_POLICY ?= PASSIVE
 bench: install data
+	$(BIN)/python scripts/bench_formats.py
 	$(BIN)/python scripts/bench_overhead.py
 	$(BIN)/python scripts/bench_startup.py
 	$(BIN)/python scripts/bench_data.py

@@ -73,3 +73,11 @@ def test_memory_benchmark_tiny(tmp_path: Path) -> None:
     assert "peak RSS" in stdout
     assert report["epochs"] == 4 and len(report["rss_per_epoch_mib"]) == 4
     assert report["peak_rss_mib"] >= max(report["rss_per_epoch_mib"])
+
+
+def test_formats_benchmark_tiny(tmp_path: Path) -> None:
+    stdout, report = run_script("bench_formats", tmp_path)
+    assert "channels_last_bf16" in stdout
+    for phase in ("train", "inference"):
+        assert report[phase]["nchw_fp32_speedup"] == 1.0
+        assert report[phase]["channels_last_bf16_img_s"] > 0
