@@ -2,7 +2,7 @@
 
 Measured on a 2-core AVX-512/AMX CPU (docs/performance.md): the channels_last layout trains
 about 1.3x faster than PyTorch's default NCHW, and with bf16 autocast inference (validation,
-test, feature extraction) runs 2.6x faster, but training 4x slower, so bf16 is used for
+test, feature extraction) runs 2.6x faster, but training 4-6x slower, so bf16 is used for
 inference only. ``auto`` picks bf16 where the hardware computes it natively, fp32 elsewhere.
 """
 
