@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install data train test test-slow lint format ui clean
+.PHONY: install data train test test-slow lint format ui bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,17 @@ format: install
 
 ui: install
 	$(BIN)/transferlab ui
+
+# Full-size benchmarks (about 20 minutes on 2 cores); tables on stdout, JSON in bench-results/.
+# The scripts import torch before transferlab, so they get the CLI's OpenMP policy from here.
+bench: export OMP_WAIT_POLICY ?= PASSIVE
+bench: install data
+	$(BIN)/python scripts/bench_formats.py
+	$(BIN)/python scripts/bench_overhead.py
+	$(BIN)/python scripts/bench_startup.py
+	$(BIN)/python scripts/bench_data.py
+	$(BIN)/python scripts/bench_memory.py
+	$(BIN)/python scripts/bench_feature_cache.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -162,6 +162,7 @@ def test_crash_ends_the_run_failed(tmp_path: Path) -> None:
         (["model=no_such_model"], "Available options in 'model'"),
         (["optimizer.lrr=0.1"], "Did you mean: 'lr'"),
         (["finetune.bn=sometimes"], "finetune.bn"),
+        (["trainer.memory_format=nhwc"], "trainer.memory_format='nhwc' is not one of"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(

@@ -14,9 +14,12 @@ from PIL import Image
 
 from transferlab.data import TransferDataModule
 from transferlab.data import sources as data_sources
+from transferlab.data.datamodule import resolve_num_workers, resolve_pin_memory, usable_cores
 from transferlab.data.datasets import to_mode
 from transferlab.data.sources import load_source
 from transferlab.data.transforms import (
+    ToNormalizedTensor,
+    _timm_eval_transform,
     create_eval_transform,
     create_train_transform,
     resolve_data_config,
@@ -332,3 +335,38 @@ def test_file_fingerprint_uses_paths_relative_to_root(tmp_path: Path):
     dm = TransferDataModule("image_folder", root=str(b), image_size=8, val_fraction=0.3)
     dm.setup()
     assert dm.fingerprint() != prints[0]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fused_to_tensor_matches_torchvision_exactly(channels: int) -> None:
+    config = resolve_data_config({"input_size": (channels, 8, 8)}, image_size=24)
+    fused, reference = create_eval_transform(config), _timm_eval_transform(config)
+    assert any(isinstance(step, ToNormalizedTensor) for step in fused.transforms)
+    rng = np.random.default_rng(0)
+    for shape in ((30, 41), (17, 17)):
+        pixels = rng.integers(0, 256, (*shape, 3) if channels == 3 else shape, dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        assert torch.equal(fused(image), reference(image))
+
+
+@pytest.mark.parametrize("augment", ["basic", "randaugment"])
+def test_train_transforms_are_fused_too(augment: str) -> None:
+    transform = create_train_transform(resolve_data_config(None, 32), {"name": augment})
+    assert isinstance(transform.transforms[-1], ToNormalizedTensor)
+    assert transform(Image.new("RGB", (40, 40))).shape == (3, 32, 32)
+
+
+def test_loader_defaults_follow_the_machine() -> None:
+    workers = resolve_num_workers("auto")
+    assert workers == (0 if usable_cores() <= 2 else min(8, usable_cores() // 2))
+    assert resolve_num_workers(3) == 3
+    assert resolve_pin_memory("auto") == torch.cuda.is_available()
+    assert resolve_pin_memory(True) is True
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("num_workers", -1), ("num_workers", "many"), ("pin_memory", "yes")]
+)
+def test_bad_loader_options_are_user_errors(name: str, value) -> None:
+    with pytest.raises(UserError, match=f"data.{name}="):
+        TransferDataModule("digits", **{name: value})

@@ -30,3 +30,54 @@ def test_feature_cache_benchmark_tiny(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["uncached_fit_s"] > 0 and report["cached_fit_s"] > 0
     assert abs(report["cached_val_acc"] - report["uncached_val_acc"]) <= 0.01
+
+
+def run_script(name: str, tmp_path: Path, *args: str) -> tuple[str, dict]:
+    """Run ``scripts/<name>.py --tiny`` in ``tmp_path``; its stdout and its JSON report."""
+    out = tmp_path / f"{name}.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / f"{name}.py"), "--tiny", "--out", str(out), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, json.loads(out.read_text())
+
+
+def test_overhead_benchmark_tiny(tmp_path: Path) -> None:
+    stdout, report = run_script("bench_overhead", tmp_path)
+    assert "vs plain_fast" in stdout
+    for path in ("transferlab", "plain", "plain_fast"):
+        assert report[f"{path}_train_img_s"] > 0 and report[f"{path}_eval_img_s"] > 0
+    assert report["ratio_train_vs_plain"] > 0 and len(report["runs"]) == 1
+
+
+def test_startup_benchmark_tiny(tmp_path: Path) -> None:
+    stdout, report = run_script("bench_startup", tmp_path)
+    assert "first training step" in stdout
+    assert report["help_imports"] == []  # --help loads none of torch, timm, mlflow, ...
+    assert 0 < report["help_s"] < report["first_step_s"]
+
+
+def test_data_benchmark_tiny(tmp_path: Path) -> None:
+    _, report = run_script("bench_data", tmp_path)
+    assert set(report) == {"digits 32px", "image_folder 64px"}
+    for rows in report.values():
+        assert rows[0]["loader_train_img_s"] > 0 and rows[0]["model_train_img_s"] > 0
+
+
+def test_memory_benchmark_tiny(tmp_path: Path) -> None:
+    stdout, report = run_script("bench_memory", tmp_path)
+    assert "peak RSS" in stdout
+    assert report["epochs"] == 4 and len(report["rss_per_epoch_mib"]) == 4
+    assert report["peak_rss_mib"] >= max(report["rss_per_epoch_mib"])
+
+
+def test_formats_benchmark_tiny(tmp_path: Path) -> None:
+    stdout, report = run_script("bench_formats", tmp_path)
+    assert "channels_last_bf16" in stdout
+    for phase in ("train", "inference"):
+        assert report[phase]["nchw_fp32_speedup"] == 1.0
+        assert report[phase]["channels_last_bf16_img_s"] > 0

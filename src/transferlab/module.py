@@ -16,6 +16,7 @@ from torchmetrics.classification import (
 
 from transferlab.finetune import FinetuneStrategy
 from transferlab.optim import OptimizerFactory, SchedulerFactory, apply_lr_mult
+from transferlab.runtime import Runtime
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -35,6 +36,8 @@ class TransferModule(pl.LightningModule):
     The fine-tuning strategy (also a callback of the Trainer) decides the parameter groups
     and their learning-rate multipliers, and which of them train in each epoch. A batch of
     2-d inputs is taken as cached backbone features and goes through the head alone.
+    ``runtime`` sets the memory format of the network and its inputs, and the precision of
+    validation and test.
     """
 
     def __init__(
@@ -46,12 +49,14 @@ class TransferModule(pl.LightningModule):
         finetune: FinetuneStrategy | None = None,
         label_smoothing: float = 0.0,
         class_names: Sequence[str] | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            ignore=["network", "optimizer", "scheduler", "finetune"],
+            ignore=["network", "optimizer", "scheduler", "finetune", "runtime"],
         )
-        self.network = network
+        self.runtime = runtime or Runtime()
+        self.network = self.runtime.prepare(network)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.finetune = finetune or FinetuneStrategy()
@@ -63,7 +68,12 @@ class TransferModule(pl.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network.head(x) if x.ndim == 2 else self.network(x)
+        return self.network.head(x) if x.ndim == 2 else self.network(self.runtime.inputs(x))
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for evaluation, in fp32 whatever precision computed them."""
+        with self.runtime.inference(self.device.type):
+            return self(x).float()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch
@@ -79,7 +89,7 @@ class TransferModule(pl.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        logits = self(x)
+        logits = self.infer(x)
         self.log("val/loss", self.criterion(logits, y), on_epoch=True)
         self.val_metrics.update(logits, y)
 
@@ -89,7 +99,7 @@ class TransferModule(pl.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        logits = self(x)
+        logits = self.infer(x)
         self.log("test/loss", self.criterion(logits, y), on_epoch=True)
         self.test_metrics.update(logits, y)
         self.test_confusion.update(logits, y)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
 
     from transferlab.data import TransferDataModule
+    from transferlab.runtime import Runtime
     from transferlab.tracking import TrackedRun
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -88,7 +89,10 @@ def build_trainer(
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
+    from transferlab.runtime import RUNTIME_KEYS
+
     options = OmegaConf.to_container(cfg, resolve=True)
+    options = {k: v for k, v in options.items() if k not in RUNTIME_KEYS}
     if not logger:  # nothing to record learning rates into
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     try:
@@ -270,9 +274,12 @@ def run(cfg: DictConfig) -> float:
     import pytorch_lightning as pl
     import torch
 
+    from transferlab.runtime import Runtime
+
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     validate(cfg)
+    runtime = Runtime.from_config(cfg.trainer)
     threads = thread_count(cfg.get("num_threads"))
     if threads:
         torch.set_num_threads(threads)
@@ -280,10 +287,10 @@ def run(cfg: DictConfig) -> float:
     with tracked_run(cfg) as run:
         if run is not None:
             record_config(run, cfg, threads)
-        return fit_and_test(cfg, run)
+        return fit_and_test(cfg, run, runtime)
 
 
-def fit_and_test(cfg: DictConfig, run: TrackedRun | None) -> float:
+def fit_and_test(cfg: DictConfig, run: TrackedRun | None, runtime: Runtime) -> float:
     import torch
 
     from transferlab.callbacks import TrainingWatch
@@ -304,6 +311,7 @@ def fit_and_test(cfg: DictConfig, run: TrackedRun | None) -> float:
         finetune=strategy,
         label_smoothing=cfg.loss.label_smoothing,
         class_names=list(datamodule.class_names),
+        runtime=runtime,
     )
     watch = TrainingWatch()
     callbacks = [*build_callbacks(cfg.get("callbacks"), allowed), strategy, watch]

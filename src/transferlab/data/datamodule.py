@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader
 
 from transferlab.data import splits
@@ -48,7 +50,8 @@ class TransferDataModule(pl.LightningDataModule):
         test_fraction: float = 0.2,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
+        pin_memory: bool | str = False,
         seed: int = 0,
         image_size: int | None = None,
         data_config: Mapping[str, Any] | None = None,
@@ -63,8 +66,6 @@ class TransferDataModule(pl.LightningDataModule):
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= float(value) < 1.0:
                 raise UserError(f"data.{name}={value} must be in [0, 1)")
-        if int(num_workers) < 0:
-            raise UserError(f"data.num_workers={num_workers} must be 0 or more")
         self.source = source
         self.root = root
         self.samples_per_class = samples_per_class
@@ -73,7 +74,8 @@ class TransferDataModule(pl.LightningDataModule):
         self.test_fraction = float(test_fraction)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or 2 * self.batch_size)
-        self.num_workers = int(num_workers)
+        self.num_workers = resolve_num_workers(num_workers)
+        self.pin_memory = resolve_pin_memory(pin_memory)
         self.seed = int(seed)
         self.download = bool(download)
         self.data_config = resolve_data_config(data_config, image_size)
@@ -153,8 +155,7 @@ class TransferDataModule(pl.LightningDataModule):
             batch_size=self.batch_size,
             sampler=EpochShuffleSampler(len(self.train_set), self.seed),
             drop_last=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            **self._loader_options(),
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -169,9 +170,15 @@ class TransferDataModule(pl.LightningDataModule):
             dataset,
             batch_size=self.eval_batch_size,
             shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            **self._loader_options(),
         )
+
+    def _loader_options(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": self.pin_memory,
+        }
 
     def fingerprint(self) -> str:
         """A short sha256 of the class names and the selected samples of every split."""
@@ -205,6 +212,38 @@ class TransferDataModule(pl.LightningDataModule):
     def _require_setup(self) -> None:
         if self.train_set is None:
             raise RuntimeError("TransferDataModule.setup() has not run yet")
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, not the machine's total)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def resolve_num_workers(value: int | str) -> int:
+    """``auto``: no loader processes on 2 cores or fewer, where the model's threads use every
+    core and a worker only competes with them (docs/performance.md); else half the cores, up
+    to 8. An integer is taken as given."""
+    if value == "auto":
+        cores = usable_cores()
+        return 0 if cores <= 2 else min(8, cores // 2)
+    try:
+        workers = int(value)
+    except (TypeError, ValueError):
+        workers = -1
+    if workers < 0:
+        raise UserError(f"data.num_workers={value!r} must be 'auto' or a number, 0 or more")
+    return workers
+
+
+def resolve_pin_memory(value: bool | str) -> bool:
+    """``auto``: pin batches in page-locked memory only when a CUDA device will take them."""
+    if value == "auto":
+        return torch.cuda.is_available()
+    if not isinstance(value, bool):
+        raise UserError(f"data.pin_memory={value!r} must be 'auto', true or false")
+    return value
 
 
 def _check_positive(name: str, value: int | None, allow_none: bool = True) -> None:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from transferlab.data.samplers import EpochShuffleSampler
 from transferlab.finetune.strategies import FinetuneStrategy
+from transferlab.runtime import Runtime
 
 
 def cache_blocker(strategy: FinetuneStrategy, augment_name: str, max_epochs: int) -> str | None:
@@ -29,17 +30,28 @@ def cache_blocker(strategy: FinetuneStrategy, augment_name: str, max_epochs: int
 
 @torch.no_grad()
 def extract_features(
-    backbone: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, desc: str
+    backbone: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    desc: str,
+    runtime: Runtime | None = None,
 ) -> TensorDataset:
-    """The backbone's pooled features (eval mode) and the labels of every item of ``dataset``."""
+    """The backbone's pooled features (eval mode) and the labels of every item of ``dataset``.
+
+    ``runtime`` gives the memory format and inference precision (bf16 features are stored
+    as fp32, so the head trains in fp32 either way).
+    """
     from tqdm.auto import tqdm
 
+    runtime = runtime or Runtime()
     was_training = backbone.training
     backbone.eval()
     features, labels = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for images, targets in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        features.append(backbone(images.to(device)).float().cpu())
+        with runtime.inference(device.type):
+            features.append(backbone(runtime.inputs(images.to(device))).float().cpu())
         labels.append(torch.as_tensor(targets))
     backbone.train(was_training)
     return TensorDataset(torch.cat(features), torch.cat(labels))
@@ -76,6 +88,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                 self.images.eval_batch_size,
                 module.device,
                 desc=f"Caching {split} features",
+                runtime=module.runtime,
             )
         return self._features[split]
 

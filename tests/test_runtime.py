@@ -1,0 +1,88 @@
+"""Memory format and inference precision: applied where configured, checked, and accurate."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from transferlab.errors import UserError
+from transferlab.finetune.cache import extract_features
+from transferlab.models import build_classifier
+from transferlab.module import TransferModule
+from transferlab.runtime import Runtime
+
+MODEL = {"name": "resnet18", "pretrained": False}
+
+
+def images(n: int = 8, size: int = 32) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({"memory_format": "nhwc"}, "trainer.memory_format"),
+        ({"eval_precision": "fp16"}, "trainer.eval_precision"),
+        ({"compile": "yes"}, "trainer.compile"),
+    ],
+)
+def test_bad_values_are_user_errors(options: dict, key: str) -> None:
+    with pytest.raises(UserError, match=key):
+        Runtime(**options)
+
+
+def test_from_config_reads_only_the_runtime_keys() -> None:
+    runtime = Runtime.from_config({"max_epochs": 3, "memory_format": "channels_last"})
+    assert runtime == Runtime(memory_format="channels_last", eval_precision="32")
+
+
+def test_channels_last_lays_out_weights_and_inputs() -> None:
+    runtime = Runtime(memory_format="channels_last")
+    network = runtime.prepare(build_classifier(MODEL, num_classes=3))
+    conv = network.backbone.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert runtime.inputs(images()).is_contiguous(memory_format=torch.channels_last)
+    features = torch.randn(4, 512)
+    assert runtime.inputs(features) is features
+
+
+def module(runtime: Runtime) -> TransferModule:
+    torch.manual_seed(0)
+    network = build_classifier(MODEL, num_classes=5)
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
+    return TransferModule(network, 5, optimizer=optimizer, runtime=runtime).eval()
+
+
+def test_bf16_inference_gives_fp32_logits_close_to_fp32() -> None:
+    x = images()
+    with torch.no_grad():
+        reference = module(Runtime()).infer(x)
+        fast = module(Runtime("channels_last", "bf16")).infer(x)
+        with Runtime(eval_precision="bf16").inference("cpu"):
+            assert torch.nn.Linear(4, 2)(torch.randn(1, 4)).dtype == torch.bfloat16
+    assert reference.dtype == fast.dtype == torch.float32
+    assert not torch.equal(reference, fast)  # bf16 really computed them
+    torch.testing.assert_close(fast, reference, rtol=0.05, atol=0.05)
+    assert torch.equal(fast.argmax(1), reference.argmax(1))
+
+
+def test_auto_precision_follows_the_hardware() -> None:
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert Runtime(eval_precision="auto").bf16_inference("cpu") == native
+    assert not Runtime(eval_precision="32").bf16_inference("cpu")
+
+
+def test_cached_features_under_bf16_stay_close_to_fp32() -> None:
+    dataset = torch.utils.data.TensorDataset(images(16), torch.arange(16) % 5)
+    backbone = build_classifier(MODEL, num_classes=5).backbone
+    cpu = torch.device("cpu")
+    exact = extract_features(backbone, dataset, 8, cpu, "fp32")
+    fast = extract_features(
+        backbone, dataset, 8, cpu, "bf16", runtime=Runtime("channels_last", "bf16")
+    )
+    assert exact.tensors[0].dtype == fast.tensors[0].dtype == torch.float32
+    assert torch.equal(exact.tensors[1], fast.tensors[1])
+    assert not torch.equal(exact.tensors[0], fast.tensors[0])
+    torch.testing.assert_close(fast.tensors[0], exact.tensors[0], rtol=0.05, atol=0.05)
