@@ -212,8 +212,10 @@ def chart(comparison: Comparison):
         fig, axes = plt.subplots(
             1, len(metrics), figsize=(5 * len(metrics) + 2, height), dpi=100, sharey=True
         )
-        for ax, metric in zip(list(axes) if len(metrics) > 1 else [axes], metrics, strict=True):
+        panels = list(axes) if len(metrics) > 1 else [axes]
+        for ax, metric in zip(panels, metrics, strict=True):
             spread_axes(ax, groups, metric)
+        panels[0].invert_yaxis()  # first configuration on top (the y axis is shared)
     fig.suptitle(f"{comparison.title} ({len(finished)} of {len(comparison.rows)} jobs finished)")
     fig.tight_layout()
     return fig
@@ -240,7 +242,6 @@ def spread_axes(ax: Any, groups: dict[str, list[dict[str, Any]]], metric: str) -
             fmt="D", color="black", capsize=4, zorder=4,
         )  # fmt: skip
     ax.set_yticks(range(len(groups)), list(groups))
-    ax.invert_yaxis()
     ax.set_xlabel(f"{metric} (dots: jobs; diamond: mean, bars: range)")
     ax.grid(True, axis="x", alpha=0.3)
 
