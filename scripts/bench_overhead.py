@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from transferlab.data.datasets import to_mode
 from transferlab.models import build_classifier
+from transferlab.runtime import native_bf16
 from transferlab.train import CONF_DIR, build_datamodule
 from transferlab.train import run as transferlab_run
 
@@ -79,12 +80,6 @@ class PhaseTimer(pl.Callback):
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def native_bf16(device: str) -> bool:
-    if device == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def config(args: argparse.Namespace, workdir: Path):
