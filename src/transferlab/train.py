@@ -224,14 +224,15 @@ def thread_count(requested: int | None) -> int | None:
     """Threads for this job: as requested, else shared fairly in a parallel sweep."""
     from hydra.core.hydra_config import HydraConfig
 
+    from transferlab.data.datamodule import usable_cores
+
     if requested is not None:
         if int(requested) < 1:
             raise UserError(f"num_threads={requested} must be 1 or more (null: automatic)")
         return int(requested)
     if sweep_job_num() is None:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return threads_per_job(HydraConfig.get().launcher, cores or 1)
+    return threads_per_job(HydraConfig.get().launcher, usable_cores())
 
 
 def threads_per_job(launcher: Mapping[str, Any], cores: int) -> int | None:
