@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+
+from transferlab.machine import usable_cores
 
 BIN = Path(sys.executable).parent
 # Tiny real jobs: digits at 32 px, three batches of one epoch, lite0 with packaged weights.
@@ -142,7 +145,10 @@ def test_parallel_joblib_jobs_share_the_cores_and_lose_no_metrics(tmp_path: Path
     client = mlflow.MlflowClient(store(tmp_path))
     for _, child in children.iterrows():
         assert child.status == "FINISHED"
-        assert child["tags.threads"] == str(max(1, len(__import__("os").sched_getaffinity(0)) // 2))
+        assert child["tags.speed.threads"] == str(max(1, usable_cores() // 2))
+        # Jobs that share the cores wait passively, unless the environment says otherwise.
+        assert child["tags.speed.omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+        assert child["tags.speed.omp_wait_policy.why"]
         for name in ("val/acc", "val/loss", "train/loss_epoch", "train/acc"):
             history = client.get_metric_history(child.run_id, name)
             assert sorted(m.step for m in history) == sorted({m.step for m in history})
@@ -190,7 +196,7 @@ def test_slurm_preset_runs_end_to_end_through_submitits_local_executor(tmp_path:
     parent, children = parent_and_children(tmp_path)
     assert parent["tags.sweep.launcher"] == "LocalLauncher"
     assert len(children) == 2 and set(children.status) == {"FINISHED"}
-    assert set(children["tags.threads"]) == {"1"}  # the preset's cpus_per_task
+    assert set(children["tags.speed.threads"]) == {"1"}  # the preset's cpus_per_task
     assert (tmp_path / "multirun" / "sweep" / ".submitit").is_dir()
 
 
@@ -241,7 +247,7 @@ def test_sweep_file_points_compare_at_the_parent(tmp_path: Path) -> None:
     ],
 )
 def test_threads_per_job_share_the_cores(launcher: dict, cores: int, expected: int | None) -> None:
-    from transferlab.train import threads_per_job
+    from transferlab.machine import threads_per_job
 
     assert threads_per_job(launcher, cores) == expected
 

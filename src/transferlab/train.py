@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
 
     from transferlab.data import TransferDataModule
+    from transferlab.machine import Setting
     from transferlab.runtime import Runtime
     from transferlab.tracking import TrackedRun
 
@@ -142,7 +143,7 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def record_config(run: TrackedRun, cfg: DictConfig, threads: int | None) -> None:
+def record_config(run: TrackedRun, cfg: DictConfig) -> None:
     """Config as params; provenance and sweep membership as tags; the config files as artifacts."""
     from transferlab.tracking import provenance
     from transferlab.tracking.params import flatten
@@ -154,7 +155,6 @@ def record_config(run: TrackedRun, cfg: DictConfig, threads: int | None) -> None
         "command": provenance.command_line(),
         "overrides": " ".join(overrides) or "(none)",
         "output_dir": cfg.paths.output_dir,
-        "threads": threads or "torch default",
         **{f"version.{k}": v for k, v in provenance.package_versions().items()},
     }
     job_num = sweep_job_num()
@@ -220,33 +220,20 @@ def sweep_job_num() -> int | None:
     return int(HydraConfig.get().job.num)
 
 
-def thread_count(requested: int | None) -> int | None:
-    """Threads for this job: as requested, else shared fairly in a parallel sweep."""
+def sweep_launcher() -> Mapping[str, Any] | None:
+    """The Hydra launcher's config in a multirun job, None for a single run."""
     from hydra.core.hydra_config import HydraConfig
 
-    from transferlab.data.datamodule import usable_cores
-
-    if requested is not None:
-        if int(requested) < 1:
-            raise UserError(f"num_threads={requested} must be 1 or more (null: automatic)")
-        return int(requested)
-    if sweep_job_num() is None:
-        return None
-    return threads_per_job(HydraConfig.get().launcher, usable_cores())
+    return HydraConfig.get().launcher if sweep_job_num() is not None else None
 
 
-def threads_per_job(launcher: Mapping[str, Any], cores: int) -> int | None:
-    """A submitit job's ``cpus_per_task``; else cores // jobs running at once (joblib).
+def report_speed(settings: Mapping[str, Setting], run: TrackedRun | None) -> None:
+    """Print the speed settings chosen for this machine, and tag the run with them."""
+    from transferlab.machine import cpu, setting_lines, setting_tags
 
-    None (torch's default, all cores) when jobs run one at a time.
-    """
-    if launcher.get("cpus_per_task"):
-        return int(launcher["cpus_per_task"])
-    jobs = launcher.get("n_jobs")
-    if not isinstance(jobs, int) or jobs == 1:
-        return None
-    parallel = jobs if jobs > 0 else max(1, cores + 1 + jobs)  # joblib: -1 means all cores
-    return max(1, cores // parallel)
+    print("\n".join([f"Speed settings on {cpu().describe()}:", *setting_lines(settings)]))
+    if run is not None:
+        run.set_tags({"machine.cpu": cpu().describe(), **setting_tags(settings)})
 
 
 def tracked_run(cfg: DictConfig):
@@ -272,26 +259,34 @@ def run(cfg: DictConfig) -> float:
     The MLflow run starts before anything is built, so a job that fails anywhere (bad
     data, unknown model, diverging loss) is recorded as a FAILED run with its error.
     """
-    import pytorch_lightning as pl
-    import torch
-
-    from transferlab.runtime import Runtime
+    from transferlab.machine import Setting, plan_threads
 
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     validate(cfg)
-    runtime = Runtime.from_config(cfg.trainer)
-    threads = thread_count(cfg.get("num_threads"))
-    if threads:
-        torch.set_num_threads(threads)
+    speed = plan_threads(cfg.get("num_threads"), sweep_launcher())  # before torch loads
+
+    import pytorch_lightning as pl
+    import torch
+
+    from transferlab.runtime import Runtime, device_type_of
+
+    if speed["threads"].value:
+        torch.set_num_threads(speed["threads"].value)
+    speed["threads"] = Setting(torch.get_num_threads(), speed["threads"].why)
+    device_type = device_type_of(cfg.trainer.get("accelerator", "auto"))
+    runtime, runtime_speed = Runtime.from_config(cfg.trainer).resolve(device_type)
+    speed.update(runtime_speed)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     with tracked_run(cfg) as run:
         if run is not None:
-            record_config(run, cfg, threads)
-        return fit_and_test(cfg, run, runtime)
+            record_config(run, cfg)
+        return fit_and_test(cfg, run, runtime, speed)
 
 
-def fit_and_test(cfg: DictConfig, run: TrackedRun | None, runtime: Runtime) -> float:
+def fit_and_test(
+    cfg: DictConfig, run: TrackedRun | None, runtime: Runtime, speed: dict[str, Setting]
+) -> float:
     import torch
 
     from transferlab.callbacks import TrainingWatch
@@ -300,6 +295,7 @@ def fit_and_test(cfg: DictConfig, run: TrackedRun | None, runtime: Runtime) -> f
     from transferlab.module import TransferModule
 
     datamodule = build_datamodule(cfg)
+    report_speed({**speed, **datamodule.loader_settings()}, run)
     network = build_classifier(cfg.model, num_classes=datamodule.num_classes)
     strategy = build_strategy(cfg.finetune)
     allowed = list(cfg.allowed_targets)

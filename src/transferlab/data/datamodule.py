@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +24,7 @@ from transferlab.data.transforms import (
     resolve_data_config,
 )
 from transferlab.errors import UserError
+from transferlab.machine import Setting, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,11 @@ class TransferDataModule(pl.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size or 2 * self.batch_size)
         self.num_workers = resolve_num_workers(num_workers)
         self.pin_memory = resolve_pin_memory(pin_memory)
+        self._requested = {
+            "num_workers": num_workers,
+            "pin_memory": pin_memory,
+            "eval_batch_size": eval_batch_size,
+        }
         self.seed = int(seed)
         self.download = bool(download)
         self.data_config = resolve_data_config(data_config, image_size)
@@ -180,6 +185,34 @@ class TransferDataModule(pl.LightningDataModule):
             "pin_memory": self.pin_memory,
         }
 
+    def loader_settings(self) -> dict[str, Setting]:
+        """The loader's speed settings, and why each value (``auto`` resolved here)."""
+        cores = usable_cores()
+        if self._requested["num_workers"] != "auto":
+            workers_why = "data.num_workers"
+        elif cores <= 2:
+            workers_why = (
+                f"auto: on {cores} cores the model's threads use them all, and loader "
+                "processes only compete (measured)"
+            )
+        else:
+            workers_why = f"auto: half of the {cores} cores, at most 8 (not measured here)"
+        pin_why = (
+            "auto: pinned only for a CUDA device"
+            if self._requested["pin_memory"] == "auto"
+            else "data.pin_memory"
+        )
+        batch_why = (
+            "data.eval_batch_size"
+            if self._requested["eval_batch_size"]
+            else "twice data.batch_size (no gradients to keep)"
+        )
+        return {
+            "num_workers": Setting(self.num_workers, workers_why),
+            "pin_memory": Setting(self.pin_memory, pin_why),
+            "eval_batch_size": Setting(self.eval_batch_size, batch_why),
+        }
+
     def fingerprint(self) -> str:
         """A short sha256 of the class names and the selected samples of every split."""
         self._require_setup()
@@ -212,13 +245,6 @@ class TransferDataModule(pl.LightningDataModule):
     def _require_setup(self) -> None:
         if self.train_set is None:
             raise RuntimeError("TransferDataModule.setup() has not run yet")
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, not the machine's total)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def resolve_num_workers(value: int | str) -> int:

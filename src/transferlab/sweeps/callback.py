@@ -55,8 +55,7 @@ class MlflowSweepCallback(Callback):
         self.tracking_uri: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from transferlab.tracking import ensure_experiment
-        from transferlab.tracking.store import resolve_tracking_uri
+        from transferlab.tracking.store import ensure_experiment, resolve_tracking_uri
 
         tracking = config.tracking
         if not tracking.enabled:
