@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -15,6 +16,10 @@ import pytest
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
 
+SPEED_SETTINGS = (
+    "threads", "omp_wait_policy", "memory_format", "eval_precision",
+    "num_workers", "pin_memory", "eval_batch_size",
+)  # fmt: skip
 # A tiny real run: digits at 32 px, two short epochs, lite0 with its packaged weights.
 SMOKE = ["experiment=smoke", "trainer.max_epochs=2", "trainer.limit_train_batches=4"]
 
@@ -92,6 +97,12 @@ def test_train_records_a_finished_mlflow_run(tmp_path: Path) -> None:
     assert "data.samples_per_class=20" in tags["overrides"]
     assert tags["version.torch"] and tags["version.mlflow"]
     assert tags["mlflow.runName"].startswith("tf_efficientnet_lite0-full")
+    # Every speed setting chosen for the machine is printed and tagged with its reason.
+    assert "Speed settings on" in result.stdout and tags["machine.cpu"]
+    for name in SPEED_SETTINGS:
+        assert tags[f"speed.{name}"] and tags[f"speed.{name}.why"], name
+    assert tags["speed.memory_format"] in ("channels_last", "contiguous")
+    assert tags["speed.eval_precision"] in ("bf16", "32")
 
     metrics = run.data.metrics
     assert metrics["test/acc"] == pytest.approx(printed["test/acc"], abs=1e-4)
@@ -122,6 +133,29 @@ def test_train_records_a_finished_mlflow_run(tmp_path: Path) -> None:
     assert report.returncode == 0, report.stderr
     (row,) = [line for line in report.stdout.splitlines() if run_id[:8] in line]
     assert row.startswith("| full | ") and f"{printed['test/acc']:.4f}" in row
+
+
+def test_a_run_started_on_busy_cores_waits_passively(tmp_path: Path) -> None:
+    from test_machine import spinners, stop
+
+    from transferlab.machine import usable_cores
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    load = spinners(usable_cores(), seconds=120)
+    try:
+        time.sleep(1.0)
+        result = subprocess.run(
+            [str(BIN / "transferlab"), "train", *SMOKE, "trainer.max_epochs=1",
+             f"hydra.run.dir={tmp_path / 'outputs'}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+    finally:
+        stop(load)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
+    tags = client_for(tmp_path).get_run(run_id).data.tags
+    assert tags["speed.omp_wait_policy"] == "PASSIVE"
+    assert tags["speed.omp_wait_policy.why"].startswith("other processes keep")
 
 
 def test_long_config_values_are_not_cut(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from transferlab.errors import UserError
 from transferlab.finetune.cache import extract_features
+from transferlab.machine import Cpu, cpu
 from transferlab.models import build_classifier
 from transferlab.module import TransferModule
 from transferlab.runtime import Runtime
@@ -68,10 +69,45 @@ def test_bf16_inference_gives_fp32_logits_close_to_fp32() -> None:
     assert torch.equal(fast.argmax(1), reference.argmax(1))
 
 
-def test_auto_precision_follows_the_hardware() -> None:
-    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    assert Runtime(eval_precision="auto").bf16_inference("cpu") == native
+def test_auto_precision_follows_the_cpu_flags() -> None:
+    assert Runtime(eval_precision="auto").bf16_inference("cpu") == bool(cpu().bf16_flags)
     assert not Runtime(eval_precision="32").bf16_inference("cpu")
+
+
+# The CPU kinds the auto settings were measured on (docs/performance.md), and one that was not.
+INTEL_AMX = Cpu("Intel Xeon", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}), "x86_64")
+AMD_AVX2 = Cpu("AMD EPYC", frozenset({"avx", "avx2"}), "x86_64")
+AMD_AVX512 = Cpu("AMD EPYC", frozenset({"avx2", "avx512f", "avx512_bf16"}), "x86_64")
+INTEL_AVX512_NO_BF16 = Cpu("Intel Xeon", frozenset({"avx2", "avx512f", "avx512bw"}), "x86_64")
+ARM = Cpu("Neoverse", frozenset({"asimd"}), "aarch64")
+
+
+@pytest.mark.parametrize(
+    ("machine", "layout", "precision"),
+    [
+        (INTEL_AMX, "channels_last", "bf16"),
+        (AMD_AVX512, "channels_last", "bf16"),
+        (AMD_AVX2, "channels_last", "32"),  # emulated bf16 measured 10x slower there
+        (INTEL_AVX512_NO_BF16, "channels_last", "32"),  # oneDNN would emulate bf16
+        (ARM, "contiguous", "32"),  # nothing measured: PyTorch's defaults
+    ],
+)
+def test_auto_settles_each_cpu_kind_and_says_why(machine: Cpu, layout: str, precision: str) -> None:
+    runtime, settings = Runtime("auto", "auto").resolve("cpu", machine)
+    assert (runtime.memory_format, runtime.eval_precision) == (layout, precision)
+    assert settings["memory_format"].value == layout and settings["memory_format"].why
+    assert settings["eval_precision"].value == precision
+    if precision == "bf16":
+        assert "bf16" in settings["eval_precision"].why
+    else:
+        assert settings["eval_precision"].why == "no bf16 instructions in this CPU"
+
+
+def test_explicit_settings_are_kept_and_attributed_to_the_config() -> None:
+    runtime, settings = Runtime("contiguous", "bf16").resolve("cpu", AMD_AVX2)
+    assert runtime == Runtime("contiguous", "bf16")
+    assert settings["memory_format"].why == "trainer.memory_format"
+    assert settings["eval_precision"].why == "trainer.eval_precision"
 
 
 def test_cached_features_under_bf16_stay_close_to_fp32() -> None:
