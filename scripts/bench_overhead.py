@@ -13,6 +13,10 @@ same images, batch size, optimizer and BatchNorm policy for the same number of s
 evaluate the same test batches. Ratios are taken within a repeat; the medians are reported.
 Extra arguments are Hydra overrides for the transferlab path, e.g.
 ``trainer.memory_format=contiguous trainer.eval_precision=32`` for the unoptimised path.
+
+All three paths share this process, and so its OpenMP settings: the environment's as they
+are, as a user's own loop would have them (nothing is set here; transferlab's ``run()``
+finds torch already loaded and records the policy it found).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab.data.datasets import to_mode
+from transferlab.machine import cpu
 from transferlab.models import build_classifier
 from transferlab.runtime import native_bf16
 from transferlab.train import CONF_DIR, build_datamodule
@@ -266,6 +271,9 @@ def main() -> None:
     summary = summarise(rows)
     task = f"{cfg.data.source} {cfg.data.image_size}px, {cfg.model.name}, {args.device}"
     print_table(summary, f"{task}; batch {args.batch_size} (eval {args.eval_batch_size})")
+    print(
+        f"CPU: {cpu().describe()}; OMP_WAIT_POLICY: {os.environ.get('OMP_WAIT_POLICY', 'default')}"
+    )
     result = {
         "task": task,
         "steps": args.steps,
@@ -273,6 +281,8 @@ def main() -> None:
         "repeats": args.repeats,
         "overrides": args.overrides,
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "cpu": cpu().describe(),
         **summary,
         "runs": rows,
     }

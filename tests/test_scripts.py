@@ -81,3 +81,15 @@ def test_formats_benchmark_tiny(tmp_path: Path) -> None:
     for phase in ("train", "inference"):
         assert report[phase]["nchw_fp32_speedup"] == 1.0
         assert report[phase]["channels_last_bf16_img_s"] > 0
+
+
+def test_end_to_end_benchmark_tiny(tmp_path: Path) -> None:
+    stdout, report = run_script("bench_end_to_end", tmp_path)
+    assert "plain / transferlab" in stdout and report["cpu"]
+    (pair,) = report["runs"]
+    for path in ("transferlab", "plain"):
+        run = pair[path]
+        assert run["wall_s"] > run["fit_s"] > 0 and run["test_s"] > 0
+        assert 0.0 <= run["test_acc"] <= 1.0
+    assert pair["transferlab"]["omp_wait_policy"] in ("default", "PASSIVE")
+    assert report["speedup_wall_s"] > 0
