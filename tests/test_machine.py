@@ -110,7 +110,9 @@ def test_a_policy_comes_too_late_once_torch_is_loaded(monkeypatch: pytest.Monkey
     monkeypatch.delenv(WAIT_POLICY_ENV, raising=False)
     setting = apply_wait_policy(Setting("PASSIVE", "2 sweep jobs share 2 cores"))
     assert setting.value == "default" and "torch was loaded before" in setting.why
-    assert WAIT_POLICY_ENV not in os.environ
+    assert "wanted PASSIVE" in setting.why and WAIT_POLICY_ENV not in os.environ
+    quiet = apply_wait_policy(Setting("default", "2 threads on 2 cores, not shared"))
+    assert quiet == Setting("default", "torch was loaded before the run started")
 
 
 def test_the_policy_reaches_openmp_before_torch_loads() -> None:
@@ -122,13 +124,22 @@ def test_the_policy_reaches_openmp_before_torch_loads() -> None:
         "assert 'torch' not in sys.modules\n"
         "import torch\n"
         "print(plan['omp_wait_policy'].value, os.environ.get('OMP_WAIT_POLICY'))\n"
+        "again = plan_threads(None, {'n_jobs': 2})['omp_wait_policy']\n"  # the worker's next job
+        "print(again.value, again.why)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != WAIT_POLICY_ENV}
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["PASSIVE", "PASSIVE"]
+    first, second = result.stdout.splitlines()
+    assert first.split() == ["PASSIVE", "PASSIVE"]
+    assert (
+        second
+        == "PASSIVE 2 sweep jobs share 2 cores (chosen by this process's first job)".replace(
+            "2 cores", f"{usable_cores()} cores"
+        )
+    )
 
 
 def test_settings_become_tags_with_their_reasons() -> None:

@@ -1,10 +1,10 @@
 """What this machine is, and how a run's threads wait on it, decided before torch loads.
 
 OpenMP reads ``OMP_WAIT_POLICY`` once, when torch loads it, so the choice is made here,
-without importing torch, and written to the environment first. Measured on a 2-core AMD
-EPYC (docs/performance.md): on a quiet machine, OpenMP's default (threads spin briefly
-while they wait) trains 1.3-1.5x faster than ``PASSIVE`` (threads sleep); but when two
-processes with spinning threads share the cores, both slow down 10-20x, and a sleeping
+without importing torch, and written to the environment first. Measured on 2-core AMD
+EPYCs (docs/performance.md): on a quiet machine, OpenMP's default (threads spin briefly
+while they wait) trains 1.4-1.5x faster than ``PASSIVE`` (threads sleep); but when two
+processes with spinning threads share the cores, they slow down 1.4-10x, and a sleeping
 policy avoids that. So ``PASSIVE`` is chosen only when this job shares its cores: a
 parallel sweep, or other processes already busy when the run starts.
 """
@@ -182,14 +182,23 @@ def choose_wait_policy(
     )
 
 
+# The policy this process wrote for OpenMP (a sweep worker runs several jobs in one process).
+_applied: Setting | None = None
+
+
 def apply_wait_policy(setting: Setting) -> Setting:
     """Write the policy to the environment for OpenMP; too late once torch is loaded."""
-    if setting.value == "default" or WAIT_POLICY_ENV in os.environ:
+    global _applied
+    if _applied is not None and os.environ.get(WAIT_POLICY_ENV) == _applied.value:
+        return Setting(_applied.value, f"{_applied.why} (chosen by this process's first job)")
+    if WAIT_POLICY_ENV in os.environ:
         return setting
     if "torch" in sys.modules:
-        current = os.environ.get(WAIT_POLICY_ENV, "default")
-        return Setting(current, f"torch was loaded before the run started (wanted {setting.value})")
-    os.environ[WAIT_POLICY_ENV] = str(setting.value)
+        wanted = "" if setting.value == "default" else f" (wanted {setting.value})"
+        return Setting("default", f"torch was loaded before the run started{wanted}")
+    if setting.value != "default":
+        os.environ[WAIT_POLICY_ENV] = str(setting.value)
+        _applied = setting
     return setting
 
 
@@ -213,7 +222,7 @@ def plan_threads(requested: int | None, launcher: Mapping[str, Any] | None) -> d
     else:
         threads = Setting(None, f"torch's default: the {cores} usable cores")
     count = threads.value or cores
-    measure = parallel == 1 and not os.environ.get(WAIT_POLICY_ENV)
+    measure = parallel == 1 and not os.environ.get(WAIT_POLICY_ENV) and "torch" not in sys.modules
     others = busy_cores_of_others() if measure else None
     policy = choose_wait_policy(count, cores, parallel, others, os.environ)
     return {"threads": threads, "omp_wait_policy": apply_wait_policy(policy)}
