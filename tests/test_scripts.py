@@ -93,3 +93,14 @@ def test_end_to_end_benchmark_tiny(tmp_path: Path) -> None:
         assert 0.0 <= run["test_acc"] <= 1.0
     assert pair["transferlab"]["omp_wait_policy"] in ("default", "PASSIVE")
     assert report["speedup_wall_s"] > 0
+
+
+def test_wait_policy_benchmark_tiny(tmp_path: Path) -> None:
+    stdout, report = run_script("bench_wait_policy", tmp_path)
+    assert "shared cores" in stdout
+    assert set(report["quiet"]) == {"default", "PASSIVE"}
+    assert all(v > 0 for values in report["quiet"].values() for v in values)
+    assert [row["second"].split(",")[0] for row in report["shared"][1:]] == [
+        "default", "PASSIVE", "default", "PASSIVE",
+    ]  # fmt: skip
+    assert all(row["second_img_s"] > 0 for row in report["shared"][1:])
