@@ -246,3 +246,19 @@ def test_ui_serves_the_dashboard_for_the_local_store(tmp_path: Path) -> None:
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_the_default_run_keeps_its_accuracy(tmp_path: Path) -> None:
+    """`transferlab train` with no override: the README's task and accuracy (about 0.86)."""
+    result = transferlab("train", f"hydra.run.dir={tmp_path / 'outputs'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = parse_test_metrics(result.stdout)
+    assert metrics["test/acc"] >= 0.85, metrics
+    run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
+    tags = client_for(tmp_path).get_run(run_id).data.tags
+    assert tags["speed.omp_wait_policy"] in (
+        "default",
+        "PASSIVE",
+        os.environ.get("OMP_WAIT_POLICY"),
+    )
