@@ -28,7 +28,7 @@ options:
   -h, --help     show this help
   --version      print the version
 
-Start with: transferlab train   (about 2 minutes on 2 CPU cores), then: transferlab ui
+Start with: transferlab train   (1-3 minutes on 2 CPU cores), then: transferlab ui
 """
 
 
