@@ -19,10 +19,8 @@ import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from transferlab.finetune import build_strategy
-from transferlab.models import build_classifier
-from transferlab.module import TransferModule
-from transferlab.train import CONF_DIR, build_datamodule, instantiate, with_feature_cache
+from transferlab.build import build_parts
+from transferlab.train import CONF_DIR
 
 
 def config(tiny: bool, epochs: int):
@@ -38,22 +36,14 @@ def config(tiny: bool, epochs: int):
 
 def fit_seconds(cfg, cached: bool) -> tuple[float, float]:
     pl.seed_everything(cfg.seed, verbose=False)
-    datamodule = build_datamodule(cfg)
-    network = build_classifier(cfg.model, num_classes=datamodule.num_classes)
-    strategy = build_strategy({**cfg.finetune, "feature_cache": cached})
-    module = TransferModule(
-        network,
-        num_classes=datamodule.num_classes,
-        optimizer=instantiate(cfg.optimizer, cfg.allowed_targets, "optimizer"),
-        scheduler=instantiate(cfg.scheduler, cfg.allowed_targets, "scheduler"),
-        finetune=strategy,
-        label_smoothing=cfg.loss.label_smoothing,
-    )
-    data, extra = with_feature_cache(datamodule, strategy, cfg.trainer.max_epochs)
-    assert (data is not datamodule) == cached
+    with open_dict(cfg):
+        cfg.finetune.feature_cache = cached
+    parts = build_parts(cfg)
+    data, extra = parts.fit_data, parts.trainer_options
+    assert (data is not parts.datamodule) == cached
     trainer = pl.Trainer(
         max_epochs=cfg.trainer.max_epochs,
-        callbacks=[strategy],
+        callbacks=[parts.strategy],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -63,7 +53,7 @@ def fit_seconds(cfg, cached: bool) -> tuple[float, float]:
         **extra,
     )
     started = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    trainer.fit(parts.module, datamodule=data)
     return time.perf_counter() - started, float(trainer.callback_metrics["val/acc"])
 
 

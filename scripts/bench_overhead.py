@@ -37,11 +37,12 @@ from timm.data import create_transform
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from transferlab.build import build_datamodule
 from transferlab.data.datasets import to_mode
 from transferlab.machine import cpu
 from transferlab.models import build_classifier
 from transferlab.runtime import native_bf16
-from transferlab.train import CONF_DIR, build_datamodule
+from transferlab.train import CONF_DIR
 from transferlab.train import run as transferlab_run
 
 PATHS = ("transferlab", "plain", "plain_fast")
@@ -61,9 +62,9 @@ class PhaseTimer(pl.Callback):
         self.times[phase] = [time.perf_counter(), time.perf_counter()]
 
     def _end(self, phase: str, batch) -> None:
-        sync(batch[0].device)
+        sync(batch["image"].device)
         self.times[phase][1] = time.perf_counter()
-        self.images[phase] += len(batch[0])
+        self.images[phase] += len(batch["image"])
 
     def on_train_epoch_start(self, trainer, module) -> None:
         self._start("train")

@@ -10,9 +10,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
+from transferlab.build import build_callbacks, build_trainer, instantiate
 from transferlab.errors import UserError
 from transferlab.finetune import STRATEGIES, build_strategy
-from transferlab.train import CONF_DIR, build_callbacks, build_trainer, instantiate
+from transferlab.train import CONF_DIR
 
 GROUPS = ["data", "model", "augment", "optimizer", "scheduler", "finetune", "trainer"]
 GROUPS += ["callbacks", "tracking", "experiment", "hparams_search"]
@@ -126,7 +127,7 @@ def test_targets_outside_the_allowed_list_are_refused(tmp_path: Path) -> None:
 def test_data_options_build_their_datamodule(tmp_path: Path) -> None:
     from PIL import Image
 
-    from transferlab.train import build_datamodule
+    from transferlab.build import build_datamodule
 
     for name in ("a", "b"):
         (tmp_path / "images" / name).mkdir(parents=True)
@@ -144,7 +145,7 @@ def test_data_options_build_their_datamodule(tmp_path: Path) -> None:
     assert built["fashion_mnist"].num_classes == 10 and len(built["fashion_mnist"].train_set) == 30
     assert built["digits"].num_classes == 10
     assert built["image_folder"].class_names == ("a", "b")
-    x, _ = built["image_folder"].train_set[0]
+    x = built["image_folder"].train_set[0]["image"]
     assert tuple(x.shape) == (3, 224, 224)
     offline = compose_train(
         tmp_path, "data=cifar10", f"data.root={tmp_path}", "data.download=false"

@@ -81,12 +81,13 @@ def test_image_folder_seeded_split_gives_normalized_batches(folder: Path):
     for dataset in (dm.train_set, dm.val_set, dm.test_set):
         assert set(dataset.labels.tolist()) == {0, 1, 2}
     for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
-        for x, y in all_batches(loader):
+        for batch in all_batches(loader):
+            x, y = batch["image"], batch["label"]
             assert x.dtype == torch.float32 and x.shape[1:] == (3, 32, 32)
             assert x.shape[0] == y.shape[0] <= loader.batch_size
             assert -1.0 <= x.min() < 0.0 < x.max() <= 1.0  # mean = std = 0.5 normalization
     assert dm.eval_batch_size == 10
-    seen = torch.cat([y for _, y in all_batches(dm.train_dataloader())])
+    seen = torch.cat([batch["label"] for batch in all_batches(dm.train_dataloader())])
     assert sorted(seen.tolist()) == sorted(dm.train_set.labels.tolist())
 
 
@@ -99,7 +100,7 @@ def test_image_folder_uses_train_val_test_subfolders(tmp_path: Path):
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (15, 6, 9)
     assert {p.parent.parent.name for p in dm.val_set.images.paths} == {"valid"}
     assert {p.parent.parent.name for p in dm.test_set.images.paths} == {"test"}
-    x, _ = next(iter(dm.val_dataloader()))
+    x = next(iter(dm.val_dataloader()))["image"]
     assert x.shape == (6, 3, 16, 16)
 
 
@@ -192,8 +193,8 @@ def test_fashion_mnist_from_debian_package():
     dm = TransferDataModule("fashion_mnist", samples_per_class=5, val_per_class=2, image_size=28)
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (50, 20, 10000)
-    x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (32, 3, 28, 28) and y.max() < 10
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (32, 3, 28, 28) and batch["label"].max() < 10
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -237,8 +238,8 @@ def test_digits_end_to_end():
     assert len(dm.test_set) == pytest.approx(0.2 * 1797, abs=10)
     assert len(dm.train_set) + len(dm.val_set) + len(dm.test_set) == 1797
     assert set(dm.test_set.labels.tolist()) == set(range(10))
-    x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (16, 3, 16, 16) and y.dtype == torch.int64
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (16, 3, 16, 16) and batch["label"].dtype == torch.int64
     assert dm.summary() == {
         "source": "digits",
         "num_classes": 10,
@@ -273,7 +274,7 @@ def test_augment_shapes_and_none_equals_eval(folder: Path):
         "image_folder", root=str(folder), image_size=24, augment={"name": "basic"}, batch_size=4
     )
     dm.setup()
-    x, _ = next(iter(dm.train_dataloader()))
+    x = next(iter(dm.train_dataloader()))["image"]
     assert x.shape == (4, 3, 24, 24)
 
 
@@ -292,7 +293,7 @@ def test_image_size_overrides_the_backbone_size(folder: Path):
             "image_folder", root=str(folder), image_size=size, data_config=LITE0
         )
         dm.setup()
-        x, _ = next(iter(dm.val_dataloader()))
+        x = next(iter(dm.val_dataloader()))["image"]
         assert x.shape[1:] == (3, size, size)
 
 
@@ -300,7 +301,7 @@ def test_one_channel_backbone_and_odd_modes():
     one_channel = {**LITE0, "input_size": (1, 224, 224)}
     dm = TransferDataModule("digits", image_size=12, data_config=one_channel, batch_size=4)
     dm.setup()
-    x, _ = next(iter(dm.train_dataloader()))
+    x = next(iter(dm.train_dataloader()))["image"]
     assert x.shape == (4, 1, 12, 12)
     deep = Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16))
     assert deep.mode == "I;16"

@@ -37,7 +37,9 @@ class InputShapes(pl.Callback):
         self.ndims: dict[int, set[int]] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.ndims.setdefault(trainer.current_epoch, set()).add(batch[0].ndim)
+        self.ndims.setdefault(trainer.current_epoch, set()).add(
+            2 if "features" in batch else batch["image"].ndim
+        )
 
 
 def train(finetune: dict, cached: bool, epochs: int = 3, model: dict = MODEL, extra: tuple = ()):
@@ -114,7 +116,8 @@ def test_lbfgs_probe_starts_from_the_logistic_regression_solution():
 
     class Capture(pl.Callback):
         def on_train_epoch_start(self, trainer, pl_module) -> None:
-            features, labels = trainer.datamodule.features("train").tensors
+            cached = trainer.datamodule.features("train")
+            features, labels = cached.features, cached.labels
             with torch.no_grad():
                 self.predicted = pl_module.network.head(features).argmax(1)
             self.features, self.labels = features, labels

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from transferlab.errors import UserError
 from transferlab.finetune import build_strategy
@@ -84,10 +84,9 @@ def trainer_for(strategy, epochs: int = 1, steps: int = -1, **kwargs) -> pl.Trai
 
 def loader() -> DataLoader:
     generator = torch.Generator().manual_seed(0)
-    data = TensorDataset(
-        torch.randn(16, 3, 32, 32, generator=generator) * 2 + 1,
-        torch.randint(0, 3, (16,), generator=generator),
-    )
+    images = torch.randn(16, 3, 32, 32, generator=generator) * 2 + 1
+    labels = torch.randint(0, 3, (16,), generator=generator)
+    data = [{"image": image, "label": label} for image, label in zip(images, labels, strict=True)]
     return DataLoader(data, batch_size=8)
 
 

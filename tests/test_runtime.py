@@ -59,8 +59,8 @@ def module(runtime: Runtime) -> TransferModule:
 def test_bf16_inference_gives_fp32_logits_close_to_fp32() -> None:
     x = images()
     with torch.no_grad():
-        reference = module(Runtime()).infer(x)
-        fast = module(Runtime("channels_last", "bf16")).infer(x)
+        reference = module(Runtime()).infer({"image": x})
+        fast = module(Runtime("channels_last", "bf16")).infer({"image": x})
         with Runtime(eval_precision="bf16").inference("cpu"):
             assert torch.nn.Linear(4, 2)(torch.randn(1, 4)).dtype == torch.bfloat16
     assert reference.dtype == fast.dtype == torch.float32
@@ -111,14 +111,14 @@ def test_explicit_settings_are_kept_and_attributed_to_the_config() -> None:
 
 
 def test_cached_features_under_bf16_stay_close_to_fp32() -> None:
-    dataset = torch.utils.data.TensorDataset(images(16), torch.arange(16) % 5)
+    dataset = [{"image": x, "label": i % 5} for i, x in enumerate(images(16))]
     backbone = build_classifier(MODEL, num_classes=5).backbone
     cpu = torch.device("cpu")
     exact = extract_features(backbone, dataset, 8, cpu, "fp32")
     fast = extract_features(
         backbone, dataset, 8, cpu, "bf16", runtime=Runtime("channels_last", "bf16")
     )
-    assert exact.tensors[0].dtype == fast.tensors[0].dtype == torch.float32
-    assert torch.equal(exact.tensors[1], fast.tensors[1])
-    assert not torch.equal(exact.tensors[0], fast.tensors[0])
-    torch.testing.assert_close(fast.tensors[0], exact.tensors[0], rtol=0.05, atol=0.05)
+    assert exact.features.dtype == fast.features.dtype == torch.float32
+    assert torch.equal(exact.labels, fast.labels)
+    assert not torch.equal(exact.features, fast.features)
+    torch.testing.assert_close(fast.features, exact.features, rtol=0.05, atol=0.05)

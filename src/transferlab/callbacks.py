@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
 from transferlab.errors import UserError
+
+
+def batch_size(batch: Mapping[str, Any]) -> int:
+    """The number of samples in a dict batch (the length of its first entry)."""
+    return len(next(iter(batch.values())))
 
 
 class TrainingDiverged(UserError):
@@ -35,7 +41,7 @@ class TrainingWatch(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self.images += len(batch[1])
+        self.images += batch_size(batch)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor):
             return

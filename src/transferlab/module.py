@@ -1,43 +1,29 @@
-"""The LightningModule: a backbone with a new head, its loss, metrics and optimizer."""
+"""The LightningModule: any task's network, loss, metrics and optimizer."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-)
 
 from transferlab.finetune import FinetuneStrategy
 from transferlab.optim import OptimizerFactory, SchedulerFactory, apply_lr_mult
 from transferlab.runtime import Runtime
-
-
-def classification_metrics(num_classes: int) -> MetricCollection:
-    """Accuracy, macro-F1 and, with more than five classes, top-5 accuracy."""
-    metrics: dict[str, nn.Module] = {
-        "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "f1": MulticlassF1Score(num_classes, average="macro"),
-    }
-    if num_classes > 5:
-        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics)
+from transferlab.tasks import Task, build_task
 
 
 class TransferModule(pl.LightningModule):
-    """Trains ``network`` (a ``Classifier``: ``.backbone`` + ``.head``) with cross-entropy.
+    """Trains ``network`` (``.backbone`` + ``.head``) with the task's loss and metrics.
 
-    The fine-tuning strategy (also a callback of the Trainer) decides the parameter groups
-    and their learning-rate multipliers, and which of them train in each epoch. A batch of
-    2-d inputs is taken as cached backbone features and goes through the head alone.
-    ``runtime`` sets the memory format of the network and its inputs, and the precision of
-    validation and test.
+    The task (classification by default) gives the loss, the metrics, the batch's target
+    key and the test state its report needs. The fine-tuning strategy (also a callback of
+    the Trainer) decides the parameter groups and their learning-rate multipliers, and which
+    of them train in each epoch. Batches are dicts: ``image``, or ``features`` when the
+    feature cache serves the head alone, plus the target. ``runtime`` sets the memory format
+    of the network and its inputs, and the precision of validation and test.
     """
 
     def __init__(
@@ -50,36 +36,55 @@ class TransferModule(pl.LightningModule):
         label_smoothing: float = 0.0,
         class_names: Sequence[str] | None = None,
         runtime: Runtime | None = None,
+        task: Task | None = None,
+        criterion: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            ignore=["network", "optimizer", "scheduler", "finetune", "runtime"],
+            ignore=[
+                "network",
+                "optimizer",
+                "scheduler",
+                "finetune",
+                "runtime",
+                "task",
+                "criterion",
+            ],
         )
+        self.task = task or build_task(None)
         self.runtime = runtime or Runtime()
         self.network = self.runtime.prepare(network)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.finetune = finetune or FinetuneStrategy()
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        metrics = classification_metrics(num_classes)
+        self.criterion = criterion or self.task.criterion(
+            {"loss": {"label_smoothing": label_smoothing}}
+        )
+        metrics = self.task.metrics(num_classes)
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
-        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_state = nn.ModuleDict(self.task.test_state(num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network.head(x) if x.ndim == 2 else self.network(self.runtime.inputs(x))
+        return self.network(self.runtime.inputs(x))
 
-    def infer(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for evaluation, in fp32 whatever precision computed them."""
+    def outputs(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The network's outputs for a batch: cached features go through the head alone."""
+        if "features" in batch:
+            return self.network.head(batch["features"])
+        return self(batch["image"])
+
+    def infer(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Outputs for evaluation, in fp32 whatever precision computed them."""
         with self.runtime.inference(self.device.type):
-            return self(x).float()
+            return self.outputs(batch).float()
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        x, y = batch
-        logits = self(x)
-        loss = self.criterion(logits, y)
-        self.train_metrics.update(logits, y)
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int):
+        target = batch[self.task.target]
+        outputs = self.outputs(batch)
+        loss = self.criterion(outputs, target)
+        self.train_metrics.update(outputs, target)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss if loss.requires_grad else None  # None: nothing trains (a solved probe)
 
@@ -87,25 +92,27 @@ class TransferModule(pl.LightningModule):
         self.log_dict(self.train_metrics.compute())
         self.train_metrics.reset()
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self.infer(x)
-        self.log("val/loss", self.criterion(logits, y), on_epoch=True)
-        self.val_metrics.update(logits, y)
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        target = batch[self.task.target]
+        outputs = self.infer(batch)
+        self.log("val/loss", self.criterion(outputs, target), on_epoch=True)
+        self.val_metrics.update(outputs, target)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self.infer(x)
-        self.log("test/loss", self.criterion(logits, y), on_epoch=True)
-        self.test_metrics.update(logits, y)
-        self.test_confusion.update(logits, y)
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        target = batch[self.task.target]
+        outputs = self.infer(batch)
+        self.log("test/loss", self.criterion(outputs, target), on_epoch=True)
+        self.test_metrics.update(outputs, target)
+        for metric in self.test_state.values():
+            metric.update(outputs, target)
 
     def on_test_epoch_start(self) -> None:
-        self.test_confusion.reset()
+        for metric in self.test_state.values():
+            metric.reset()
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute())

@@ -34,7 +34,7 @@ def to_mode(image: Image.Image, mode: str) -> Image.Image:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """The images at ``indices`` of ``images``, converted to ``mode`` and transformed: (x, label)."""
+    """The images at ``indices`` of ``images``, converted and transformed: ``{image, label}``."""
 
     def __init__(
         self,
@@ -51,10 +51,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         source_index = int(self.indices[index])
         image = to_mode(self.images.load(source_index), self.mode)
-        return self.transform(image), int(self.images.labels[source_index])
+        return {"image": self.transform(image), "label": int(self.images.labels[source_index])}
 
     @property
     def labels(self) -> np.ndarray:

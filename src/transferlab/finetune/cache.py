@@ -8,7 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from transferlab.data.samplers import EpochShuffleSampler
 from transferlab.finetune.strategies import FinetuneStrategy
@@ -28,6 +28,20 @@ def cache_blocker(strategy: FinetuneStrategy, augment_name: str, max_epochs: int
     return None
 
 
+class FeatureSet(Dataset):
+    """Cached backbone features and their labels; items are ``{features, label}`` batches,
+    which the module sends through the head alone."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"features": self.features[index], "label": self.labels[index]}
+
+
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module,
@@ -36,7 +50,7 @@ def extract_features(
     device: torch.device,
     desc: str,
     runtime: Runtime | None = None,
-) -> TensorDataset:
+) -> FeatureSet:
     """The backbone's pooled features (eval mode) and the labels of every item of ``dataset``.
 
     ``runtime`` gives the memory format and inference precision (bf16 features are stored
@@ -49,12 +63,12 @@ def extract_features(
     backbone.eval()
     features, labels = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for images, targets in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         with runtime.inference(device.type):
-            features.append(backbone(runtime.inputs(images.to(device))).float().cpu())
-        labels.append(torch.as_tensor(targets))
+            features.append(backbone(runtime.inputs(batch["image"].to(device))).float().cpu())
+        labels.append(torch.as_tensor(batch["label"]))
     backbone.train(was_training)
-    return TensorDataset(torch.cat(features), torch.cat(labels))
+    return FeatureSet(torch.cat(features), torch.cat(labels))
 
 
 class FeatureCacheDataModule(pl.LightningDataModule):
@@ -70,7 +84,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         self.images = images
         self.strategy = strategy
         self._loaders: dict[str, DataLoader] = {}
-        self._features: dict[str, TensorDataset] = {}
+        self._features: dict[str, FeatureSet] = {}
 
     def setup(self, stage: str | None = None) -> None:
         self.images.setup(stage)
@@ -78,7 +92,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     def _frozen_now(self) -> bool:
         return self.trainer.current_epoch < self.strategy.frozen_epochs()
 
-    def features(self, split: str) -> TensorDataset:
+    def features(self, split: str) -> FeatureSet:
         """The backbone's features of ``split`` ("train" or "val"), computed once."""
         if split not in self._features:
             module = self.trainer.lightning_module

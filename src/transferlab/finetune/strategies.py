@@ -164,7 +164,7 @@ class FinetuneStrategy(pl.Callback):
             )
             return
         train = features("train")
-        loss = fit_logistic_regression(layer, *train.tensors, C=self.probe_C)
+        loss = fit_logistic_regression(layer, train.features, train.labels, C=self.probe_C)
         self._head_solved = True
         self._trainable = None  # re-apply: the solved head now stays fixed while frozen
         self.apply(pl_module, trainer.current_epoch)

@@ -1,0 +1,147 @@
+"""Building a run from its config: data, network, strategy, module, callbacks, trainer.
+
+The CLI (``transferlab.train``), the benchmarks and the tests all build through these
+functions, so there is one recipe. The task (``task=``) decides the data and the network;
+nothing here asks which task runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from transferlab.errors import UserError
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from torch import nn
+
+    from transferlab.finetune import FinetuneStrategy
+    from transferlab.module import TransferModule
+    from transferlab.runtime import Runtime
+    from transferlab.tasks import Task
+
+
+def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    """The task's data module, set up (``num_classes`` and ``class_names`` known)."""
+    from transferlab.tasks import build_task
+
+    return build_task(task_options(cfg)).build_datamodule(cfg)
+
+
+def task_options(cfg: DictConfig) -> dict[str, Any] | None:
+    task = cfg.get("task")
+    return OmegaConf.to_container(task, resolve=True) if task is not None else None
+
+
+def instantiate(node: DictConfig, allowed: list[str], where: str) -> Any:
+    """Build ``node`` from its ``_target_``, which must match one of ``allowed_targets``."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(node, _execution_whitelist_=list(allowed))
+    except InstantiationException as err:
+        if "whitelist" not in str(err):
+            raise
+        raise UserError(
+            f"{where}: _target_ {node.get('_target_')!r} is not in allowed_targets; "
+            f"to trust it, add its package: 'allowed_targets=[{','.join(allowed)},your_pkg.*]'"
+        ) from None
+
+
+def build_callbacks(cfg: DictConfig | None, allowed: list[str]) -> list[pl.Callback]:
+    return [instantiate(entry, allowed, f"callbacks.{name}") for name, entry in (cfg or {}).items()]
+
+
+def build_trainer(
+    cfg: DictConfig, callbacks: list, logger: Any, root_dir: str, **extra: Any
+) -> pl.Trainer:
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from transferlab.runtime import RUNTIME_KEYS
+
+    options = OmegaConf.to_container(cfg, resolve=True)
+    options = {k: v for k, v in options.items() if k not in RUNTIME_KEYS}
+    if not logger:  # nothing to record learning rates into
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    try:
+        return pl.Trainer(
+            **options,
+            callbacks=callbacks,
+            logger=logger,
+            default_root_dir=root_dir,
+            enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+            **extra,
+        )
+    except TypeError as err:
+        raise UserError(f"trainer config: {err}") from None
+
+
+def with_feature_cache(
+    datamodule: Any, strategy: Any, task: Task, max_epochs: int
+) -> tuple[pl.LightningDataModule, dict[str, Any]]:
+    """The data to fit on (cached features where valid) and the Trainer options it needs."""
+    from transferlab.finetune.cache import FeatureCacheDataModule, cache_blocker
+
+    blocker = cache_blocker(strategy, datamodule.augment_name, max_epochs)
+    if blocker is None and not task.supports_feature_cache:
+        blocker = f"task={task.name} needs the backbone's spatial features, not pooled ones"
+    if blocker is not None:
+        if strategy.frozen_epochs() > 0 and strategy.feature_cache:
+            print(f"Feature cache off: {blocker}.", flush=True)
+        return datamodule, {}
+    frozen = strategy.frozen_epochs()
+    print(
+        "Feature cache on: the frozen backbone runs once and the head trains on its cached"
+        f" features {'in every epoch' if frozen >= max_epochs else f'in the first {frozen} epoch(s)'}.",
+        flush=True,
+    )
+    cached = FeatureCacheDataModule(datamodule, strategy)
+    return cached, ({"reload_dataloaders_every_n_epochs": 1} if frozen < max_epochs else {})
+
+
+@dataclass
+class RunParts:
+    """Everything a run trains and tests with, built from its config."""
+
+    task: Task
+    datamodule: pl.LightningDataModule
+    network: nn.Module
+    strategy: FinetuneStrategy
+    module: TransferModule
+    callbacks: list
+    fit_data: pl.LightningDataModule
+    trainer_options: dict[str, Any]
+
+
+def build_parts(cfg: DictConfig, runtime: Runtime | None = None) -> RunParts:
+    """Data, network, strategy, module and callbacks for ``cfg``, as the CLI builds them."""
+    from transferlab.callbacks import TrainingWatch
+    from transferlab.finetune import build_strategy
+    from transferlab.module import TransferModule
+    from transferlab.tasks import build_task
+
+    task = build_task(task_options(cfg))
+    datamodule = task.build_datamodule(cfg)
+    network = task.build_network(cfg.model, datamodule.num_classes)
+    strategy = build_strategy(cfg.finetune)
+    allowed = list(cfg.allowed_targets)
+    scheduler = instantiate(cfg.scheduler, allowed, "scheduler") if cfg.get("scheduler") else None
+    module = TransferModule(
+        network,
+        num_classes=datamodule.num_classes,
+        optimizer=instantiate(cfg.optimizer, allowed, "optimizer"),
+        scheduler=scheduler,
+        finetune=strategy,
+        class_names=list(datamodule.class_names),
+        runtime=runtime,
+        task=task,
+        criterion=task.criterion(cfg),
+    )
+    callbacks = [*build_callbacks(cfg.get("callbacks"), allowed), strategy, TrainingWatch()]
+    fit_data, options = with_feature_cache(datamodule, strategy, task, cfg.trainer.max_epochs)
+    return RunParts(task, datamodule, network, strategy, module, callbacks, fit_data, options)

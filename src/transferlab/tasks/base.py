@@ -1,0 +1,91 @@
+"""The ``Task`` contract and its registry (``task=<name>``)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import nn
+
+from transferlab.errors import UserError
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from torchmetrics import Metric, MetricCollection
+
+    from transferlab.tracking import TrackedRun
+
+TASKS: dict[str, type[Task]] = {}
+BUILT_IN = ("classification",)
+
+
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator: make a ``Task`` subclass available as ``task=<name>``."""
+
+    def register(cls: type[Task]) -> type[Task]:
+        cls.name = name
+        TASKS[name] = cls
+        return cls
+
+    return register
+
+
+class Task:
+    """One job transfer learning is used for. Subclasses fill in each hook.
+
+    Batches are dicts: ``image`` (or ``features`` when the feature cache serves the head)
+    plus the task's ``target`` key (``label``, ``mask``, ...). Networks expose their
+    pretrained ``backbone`` (a timm model, whose stages the freezing strategies use) and
+    their new parts as ``head``; that is the whole contract the strategies rely on.
+    """
+
+    name: ClassVar[str] = ""
+    target: ClassVar[str] = "label"
+    # Whether cached pooled backbone features can stand in for images (a frozen backbone).
+    supports_feature_cache: ClassVar[bool] = False
+    # The test metrics a sweep's comparison table shows, most important first.
+    compare_metrics: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **options: Any) -> None:
+        if options:
+            raise UserError(
+                f"task={self.name} has no option(s) {', '.join(sorted(options))}; "
+                f"see conf/task/{self.name}.yaml"
+            )
+
+    def build_datamodule(self, cfg: Any) -> pl.LightningDataModule:
+        """The set-up data module (``num_classes`` and ``class_names`` known)."""
+        raise NotImplementedError
+
+    def build_network(self, model_cfg: Any, num_classes: int) -> nn.Module:
+        """The network: a pretrained ``backbone`` and new ``head`` parts."""
+        raise NotImplementedError
+
+    def criterion(self, cfg: Any) -> nn.Module:
+        """The training loss, called as ``criterion(outputs, target)``."""
+        raise NotImplementedError
+
+    def metrics(self, num_classes: int) -> MetricCollection:
+        """Metrics accumulated over a whole split, cloned with ``train/``, ``val/``, ``test/``."""
+        raise NotImplementedError
+
+    def test_state(self, num_classes: int) -> dict[str, Metric]:
+        """Extra metrics accumulated over the test split for the report (e.g. a confusion matrix)."""
+        return {}
+
+    def report(
+        self, run: TrackedRun, cfg: Any, state: Mapping[str, Metric], datamodule: Any
+    ) -> None:
+        """Log the test report (figures, per-class tables) to the run."""
+
+
+def build_task(cfg: Mapping[str, Any] | None) -> Task:
+    """The task named by the ``task`` config group (classification when absent)."""
+    for module in BUILT_IN:  # importing a task module registers it
+        importlib.import_module(f"transferlab.tasks.{module}")
+    options = dict(cfg or {})
+    name = str(options.pop("name", "classification"))
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}: choose task= from {', '.join(sorted(TASKS))}")
+    return TASKS[name](**options)
