@@ -33,45 +33,25 @@ log = logging.getLogger(__name__)
 TEST_SPLIT_SEED = 0
 
 
-class TransferDataModule(pl.LightningDataModule):
-    """Loads ``source`` once, selects the train/val/test samples, and serves them as loaders.
+class SplitDataModule(pl.LightningDataModule):
+    """What every task's data module shares: batch sizes, loaders, the fingerprint.
 
-    Call ``setup()`` before building the model to learn ``num_classes``; later calls (Lightning's)
-    reuse what was loaded.
+    A subclass's ``setup()`` fills ``class_names`` and ``train_set``, ``val_set`` and
+    ``test_set`` (datasets with ``images`` and ``indices``, whose images can
+    ``update_hash``), and gives a ``summary()``.
     """
 
     def __init__(
         self,
-        source: str,
-        root: str | None = None,
-        samples_per_class: int | None = None,
-        val_per_class: int | None = None,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int | str = 0,
-        pin_memory: bool | str = False,
-        seed: int = 0,
-        image_size: int | None = None,
-        data_config: Mapping[str, Any] | None = None,
-        augment: Mapping[str, Any] | None = None,
-        download: bool = True,
+        batch_size: int,
+        eval_batch_size: int | None,
+        num_workers: int | str,
+        pin_memory: bool | str,
+        seed: int,
     ) -> None:
         super().__init__()
-        _check_positive("samples_per_class", samples_per_class)
-        _check_positive("val_per_class", val_per_class)
         _check_positive("batch_size", batch_size, allow_none=False)
         _check_positive("eval_batch_size", eval_batch_size)
-        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 <= float(value) < 1.0:
-                raise UserError(f"data.{name}={value} must be in [0, 1)")
-        self.source = source
-        self.root = root
-        self.samples_per_class = samples_per_class
-        self.val_per_class = val_per_class
-        self.val_fraction = float(val_fraction)
-        self.test_fraction = float(test_fraction)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or 2 * self.batch_size)
         self.num_workers = resolve_num_workers(num_workers)
@@ -82,76 +62,16 @@ class TransferDataModule(pl.LightningDataModule):
             "eval_batch_size": eval_batch_size,
         }
         self.seed = int(seed)
-        self.download = bool(download)
-        self.data_config = resolve_data_config(data_config, image_size)
-        self.augment = dict(augment or {"name": "none"})
-        self.augment_name = augment_name(self.augment)
-        self.image_mode = image_mode(self.data_config)
-        self.eval_transform = create_eval_transform(self.data_config)
-        self.train_transform = create_train_transform(self.data_config, self.augment)
-
         self.class_names: tuple[str, ...] = ()
-        self.train_set: ImageDataset | None = None
-        self.val_set: ImageDataset | None = None
-        self.test_set: ImageDataset | None = None
+        self.train_set: Any = None
+        self.val_set: Any = None
+        self.test_set: Any = None
         self._fingerprint: str | None = None
 
     @property
     def num_classes(self) -> int:
         self._require_setup()
         return len(self.class_names)
-
-    def setup(self, stage: str | None = None) -> None:
-        """Load the source and select the samples of every split; runs once, whatever the stage."""
-        if self.train_set is not None:
-            return
-        raw = load_source(self.source, root=self.root, download=self.download)
-        names = raw.class_names
-        labels = raw.train.labels
-        pool = np.arange(len(raw.train), dtype=np.int64)
-
-        test_images: ImageSet = raw.test if raw.test is not None else raw.train
-        if raw.test is not None:
-            test_indices = np.arange(len(raw.test), dtype=np.int64)
-        else:
-            test_indices, pool = splits.carve_stratified(
-                labels, pool, seed=TEST_SPLIT_SEED, purpose=splits.TEST, fraction=self.test_fraction
-            )
-
-        val_images: ImageSet = raw.val if raw.val is not None else raw.train
-        if raw.val is not None:
-            val_indices = np.arange(len(raw.val), dtype=np.int64)
-        else:
-            val_indices, pool = splits.carve_stratified(
-                labels,
-                pool,
-                seed=self.seed,
-                purpose=splits.VAL,
-                fraction=self.val_fraction,
-                per_class=self.val_per_class,
-                class_names=names,
-            )
-
-        train_indices = pool
-        if self.samples_per_class is not None:
-            train_indices = splits.sample_per_class(
-                labels, pool, seed=self.seed, per_class=self.samples_per_class, class_names=names
-            )
-
-        for split, indices, fix in (
-            ("validation", val_indices, "set data.val_fraction > 0 or data.val_per_class"),
-            ("test", test_indices, "set data.test_fraction > 0"),
-            ("training", train_indices, "add images or lower data.val_fraction"),
-        ):
-            if len(indices) == 0:
-                raise UserError(f"the {split} set of data.source={self.source} is empty: {fix}")
-
-        mode = self.image_mode
-        self.class_names = tuple(names)
-        self.val_set = ImageDataset(val_images, val_indices, self.eval_transform, mode)
-        self.test_set = ImageDataset(test_images, test_indices, self.eval_transform, mode)
-        self.train_set = ImageDataset(raw.train, train_indices, self.train_transform, mode)
-        log.info("data: %s", self.summary())
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
@@ -229,6 +149,108 @@ class TransferDataModule(pl.LightningDataModule):
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 
+    def _require_setup(self) -> None:
+        if self.train_set is None:
+            raise RuntimeError("TransferDataModule.setup() has not run yet")
+
+
+class TransferDataModule(SplitDataModule):
+    """Loads ``source`` once, selects the train/val/test samples, and serves them as loaders.
+
+    Call ``setup()`` before building the model to learn ``num_classes``; later calls (Lightning's)
+    reuse what was loaded.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        root: str | None = None,
+        samples_per_class: int | None = None,
+        val_per_class: int | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int | str = 0,
+        pin_memory: bool | str = False,
+        seed: int = 0,
+        image_size: int | None = None,
+        data_config: Mapping[str, Any] | None = None,
+        augment: Mapping[str, Any] | None = None,
+        download: bool = True,
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, seed)
+        _check_positive("samples_per_class", samples_per_class)
+        _check_positive("val_per_class", val_per_class)
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 <= float(value) < 1.0:
+                raise UserError(f"data.{name}={value} must be in [0, 1)")
+        self.source = source
+        self.root = root
+        self.samples_per_class = samples_per_class
+        self.val_per_class = val_per_class
+        self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
+        self.download = bool(download)
+        self.data_config = resolve_data_config(data_config, image_size)
+        self.augment = dict(augment or {"name": "none"})
+        self.augment_name = augment_name(self.augment)
+        self.image_mode = image_mode(self.data_config)
+        self.eval_transform = create_eval_transform(self.data_config)
+        self.train_transform = create_train_transform(self.data_config, self.augment)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the source and select the samples of every split; runs once, whatever the stage."""
+        if self.train_set is not None:
+            return
+        raw = load_source(self.source, root=self.root, download=self.download)
+        names = raw.class_names
+        labels = raw.train.labels
+        pool = np.arange(len(raw.train), dtype=np.int64)
+
+        test_images: ImageSet = raw.test if raw.test is not None else raw.train
+        if raw.test is not None:
+            test_indices = np.arange(len(raw.test), dtype=np.int64)
+        else:
+            test_indices, pool = splits.carve_stratified(
+                labels, pool, seed=TEST_SPLIT_SEED, purpose=splits.TEST, fraction=self.test_fraction
+            )
+
+        val_images: ImageSet = raw.val if raw.val is not None else raw.train
+        if raw.val is not None:
+            val_indices = np.arange(len(raw.val), dtype=np.int64)
+        else:
+            val_indices, pool = splits.carve_stratified(
+                labels,
+                pool,
+                seed=self.seed,
+                purpose=splits.VAL,
+                fraction=self.val_fraction,
+                per_class=self.val_per_class,
+                class_names=names,
+            )
+
+        train_indices = pool
+        if self.samples_per_class is not None:
+            train_indices = splits.sample_per_class(
+                labels, pool, seed=self.seed, per_class=self.samples_per_class, class_names=names
+            )
+
+        for split, indices, fix in (
+            ("validation", val_indices, "set data.val_fraction > 0 or data.val_per_class"),
+            ("test", test_indices, "set data.test_fraction > 0"),
+            ("training", train_indices, "add images or lower data.val_fraction"),
+        ):
+            if len(indices) == 0:
+                raise UserError(f"the {split} set of data.source={self.source} is empty: {fix}")
+
+        mode = self.image_mode
+        self.class_names = tuple(names)
+        self.val_set = ImageDataset(val_images, val_indices, self.eval_transform, mode)
+        self.test_set = ImageDataset(test_images, test_indices, self.eval_transform, mode)
+        self.train_set = ImageDataset(raw.train, train_indices, self.train_transform, mode)
+        log.info("data: %s", self.summary())
+
     def summary(self) -> dict[str, Any]:
         """Source, split sizes, classes and input size, flat for logging."""
         self._require_setup()
@@ -241,10 +263,6 @@ class TransferDataModule(pl.LightningDataModule):
             "input_size": "x".join(str(v) for v in self.data_config["input_size"]),
             "augment": self.augment_name,
         }
-
-    def _require_setup(self) -> None:
-        if self.train_set is None:
-            raise RuntimeError("TransferDataModule.setup() has not run yet")
 
 
 def resolve_num_workers(value: int | str) -> int:

@@ -15,7 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TEST_METRICS = ("test/acc", "test/f1", "test/top5")
+# Runs recorded before tasks declared their columns (tag ``task.compare_metrics``) were
+# classification runs.
+CLASSIFICATION_METRICS = ("test/acc", "test/f1", "test/top5")
+
+
+def test_metrics_of(runs: Sequence[Any]) -> list[str]:
+    """The test metric columns the runs' tasks declare, in order, without repeats."""
+    columns: list[str] = []
+    for run in runs:
+        declared = run.data.tags.get("task.compare_metrics")
+        names = declared.split(",") if declared else CLASSIFICATION_METRICS
+        columns += [name for name in names if name and name not in columns]
+    return columns or list(CLASSIFICATION_METRICS)
 
 
 @dataclass
@@ -27,6 +39,7 @@ class Comparison:
     mode: str
     rows: list[dict[str, Any]]
     optuna: bool = False
+    test_metrics: Sequence[str] = CLASSIFICATION_METRICS
     failed: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +94,7 @@ def comparison_rows(runs: Sequence[Any], monitor: str) -> list[dict[str, Any]]:
     """One row per MLflow run (oldest first): what differs, status, metrics, cost."""
     overrides = [split_overrides(run.data.tags.get("overrides")) for run in runs]
     keys = varying(overrides)
+    test_metrics = test_metrics_of(runs)
     rows = []
     for run, job in zip(runs, overrides, strict=True):
         metrics, info = run.data.metrics, run.info
@@ -92,7 +106,7 @@ def comparison_rows(runs: Sequence[Any], monitor: str) -> list[dict[str, Any]]:
             or info.run_name,
             "status": info.status,
             f"best {monitor}": metrics.get(f"best/{monitor}", math.nan),
-            **{name: metrics.get(name, math.nan) for name in TEST_METRICS},
+            **{name: metrics.get(name, math.nan) for name in test_metrics},
             "trainable params": metrics.get("params/trainable", math.nan),
             "wall time (s)": wall,
             "images/s": metrics.get("perf/train_images_per_s", math.nan),
@@ -122,6 +136,7 @@ def load_sweep(client: Any, parent_run_id: str) -> Comparison:
         mode=tags.get("sweep.mode", "max"),
         rows=comparison_rows(runs, monitor),
         optuna=optuna,
+        test_metrics=test_metrics_of(runs),
     )
 
 
@@ -133,7 +148,13 @@ def load_experiment(client: Any, experiment: Any, monitor: str, mode: str) -> Co
         max_results=50000,
     )
     runs = [run for run in runs if run.data.tags.get("sweep.parent") != "true"]
-    return Comparison(experiment.name, monitor, mode, comparison_rows(runs, monitor))
+    return Comparison(
+        experiment.name,
+        monitor,
+        mode,
+        comparison_rows(runs, monitor),
+        test_metrics=test_metrics_of(runs),
+    )
 
 
 def format_cell(value: Any) -> str:
@@ -205,7 +226,9 @@ def chart(comparison: Comparison):
         history_axes(ax, comparison, finished)
     else:
         metrics = [comparison.metric_column] + [
-            m for m in TEST_METRICS[:1] if any(math.isfinite(r[m]) for r in finished)
+            m
+            for m in comparison.test_metrics[:1]
+            if any(math.isfinite(r.get(m, math.nan)) for r in finished)
         ]
         groups = grouped(finished)
         height = max(3.0, 0.45 * len(groups) + 1.5)

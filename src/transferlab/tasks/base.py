@@ -74,10 +74,11 @@ class Task:
         """Extra metrics accumulated over the test split for the report (e.g. a confusion matrix)."""
         return {}
 
-    def report(
-        self, run: TrackedRun, cfg: Any, state: Mapping[str, Metric], datamodule: Any
-    ) -> None:
-        """Log the test report (figures, per-class tables) to the run."""
+    def report(self, run: TrackedRun, cfg: Any, module: Any, datamodule: Any) -> None:
+        """Log the test report (figures, per-class tables) to the run, after testing.
+
+        ``module.test_state`` holds what ``test_state`` accumulated over the test split.
+        """
 
 
 def build_task(cfg: Mapping[str, Any] | None) -> Task:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -68,13 +67,13 @@ class Classification(Task):
     def test_state(self, num_classes: int) -> dict[str, Metric]:
         return {"confusion": MulticlassConfusionMatrix(num_classes)}
 
-    def report(self, run, cfg: Any, state: Mapping[str, Metric], datamodule: Any) -> None:
+    def report(self, run, cfg: Any, module: Any, datamodule: Any) -> None:
         """Confusion matrix (PNG) and per-class precision, recall and F1 (CSV)."""
         import matplotlib.pyplot as plt
 
         from transferlab.reports import confusion_figure, per_class_metrics
 
-        confusion = state["confusion"].compute().cpu().numpy()
+        confusion = module.test_state["confusion"].compute().cpu().numpy()
         names = list(datamodule.class_names)
         figure = confusion_figure(confusion, names, title=f"{cfg.model.name}: test set")
         run.log_figure(figure, "test/confusion_matrix.png")

@@ -87,6 +87,6 @@ def record_results(
     best_path: str | None,
 ) -> None:
     """The task's test report and the best checkpoint as artifacts."""
-    task.report(run, cfg, module.test_state, datamodule)
+    task.report(run, cfg, module, datamodule)
     if best_path and cfg.tracking.get("log_checkpoint", True):
         run.log_artifact(best_path, "checkpoints")
