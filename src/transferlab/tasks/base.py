@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from transferlab.tracking import TrackedRun
 
 TASKS: dict[str, type[Task]] = {}
-BUILT_IN = ("classification",)
+BUILT_IN = ("classification", "segmentation")
 
 
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:

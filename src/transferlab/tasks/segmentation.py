@@ -1,0 +1,143 @@
+"""Semantic segmentation: a class per pixel; a timm backbone with a smp decoder.
+
+Loss: cross-entropy, Dice, or their sum (``task.loss``), pixels labelled ``ignore_index``
+(255, as VOC and most labelling tools) left out. Metrics over a whole split (torchmetrics
+accumulates the confusion over every pixel): mIoU (macro Jaccard), pixel accuracy and
+Dice (macro F1 over pixels). Test report: per-class IoU (CSV) and a grid of test images
+with the true and predicted masks overlaid (PNG).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassJaccardIndex,
+)
+
+from transferlab.errors import UserError
+from transferlab.tasks.base import Task, register_task
+
+LOSSES = ("ce", "dice", "ce+dice")
+REPORT_IMAGES = 8
+
+
+class SegmentationLoss(nn.Module):
+    """Cross-entropy, Dice or their sum over the labelled pixels."""
+
+    def __init__(self, kind: str, ignore_index: int) -> None:
+        super().__init__()
+        if kind not in LOSSES:
+            raise UserError(f"task.loss={kind!r} is not one of {', '.join(LOSSES)}")
+        from segmentation_models_pytorch.losses import DiceLoss
+
+        parts = kind.split("+")
+        self.ce = nn.CrossEntropyLoss(ignore_index=ignore_index) if "ce" in parts else None
+        self.dice = DiceLoss("multiclass", ignore_index=ignore_index) if "dice" in parts else None
+
+    def forward(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        losses = [loss(logits, mask) for loss in (self.ce, self.dice) if loss is not None]
+        return torch.stack(losses).sum()
+
+
+@register_task("segmentation")
+class Segmentation(Task):
+    target = "mask"
+    supports_feature_cache = False
+    compare_metrics = ("test/miou", "test/dice", "test/pixel_acc")
+
+    def __init__(
+        self, decoder: str = "unet", loss: str = "ce+dice", ignore_index: int = 255
+    ) -> None:
+        from transferlab.models.segmentation import DECODERS
+
+        if decoder not in DECODERS:
+            raise UserError(f"unknown task.decoder {decoder!r}: choose from {', '.join(DECODERS)}")
+        if loss not in LOSSES:
+            raise UserError(f"task.loss={loss!r} is not one of {', '.join(LOSSES)}")
+        self.decoder, self.loss, self.ignore_index = decoder, loss, int(ignore_index)
+
+    def build_datamodule(self, cfg: Any):
+        from omegaconf import OmegaConf
+
+        from transferlab.data.seg_datamodule import SEG_SOURCES, SegmentationDataModule
+        from transferlab.models import model_data_config
+
+        data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+        if data_cfg.get("source") not in SEG_SOURCES:
+            raise UserError(
+                f"data={data_cfg.get('source')} is not a segmentation source: with "
+                f"task=segmentation choose data= from {', '.join(SEG_SOURCES)}"
+            )
+        augment = OmegaConf.to_container(cfg.augment, resolve=True) if cfg.get("augment") else None
+        try:
+            datamodule = SegmentationDataModule(
+                **data_cfg,
+                seed=cfg.seed,
+                data_config=model_data_config(cfg.model),
+                augment=augment,
+                ignore_index=self.ignore_index,
+            )
+        except TypeError as err:
+            raise UserError(f"data config: {err}") from None
+        datamodule.setup("fit")
+        return datamodule
+
+    def build_network(self, model_cfg: Any, num_classes: int) -> nn.Module:
+        from transferlab.models.segmentation import build_segmenter
+
+        return build_segmenter(model_cfg, num_classes, self.decoder)
+
+    def criterion(self, cfg: Any) -> nn.Module:
+        return SegmentationLoss(self.loss, self.ignore_index)
+
+    def metrics(self, num_classes: int) -> MetricCollection:
+        ignore = self.ignore_index
+        return MetricCollection(
+            {
+                "miou": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore),
+                "pixel_acc": MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore),
+                "dice": MulticlassF1Score(num_classes, average="macro", ignore_index=ignore),
+            }
+        )
+
+    def test_state(self, num_classes: int) -> dict[str, Metric]:
+        return {
+            "iou": MulticlassJaccardIndex(
+                num_classes, average="none", ignore_index=self.ignore_index
+            )
+        }
+
+    def report(self, run, cfg: Any, module: Any, datamodule: Any) -> None:
+        """Per-class IoU (CSV) and test images with true and predicted masks (PNG)."""
+        import matplotlib.pyplot as plt
+
+        from transferlab.reports.segmentation import overlay_grid
+
+        iou = module.test_state["iou"].compute().cpu().tolist()
+        names = list(datamodule.class_names)
+        lines = [
+            "class,iou",
+            *(f"{name},{value:.4f}" for name, value in zip(names, iou, strict=True)),
+        ]
+        run.log_text("\n".join(lines) + "\n", "test/per_class_iou.csv")
+        batch = next(iter(datamodule.test_dataloader()))
+        images = batch["image"][:REPORT_IMAGES]
+        module.eval()
+        with torch.no_grad():
+            predicted = module.infer({"image": images.to(module.device)}).argmax(1).cpu()
+        figure = overlay_grid(
+            datamodule.denormalize(images),
+            batch["mask"][:REPORT_IMAGES],
+            predicted,
+            names,
+            self.ignore_index,
+            title=f"{cfg.model.name} + {self.decoder}: test images, true and predicted masks",
+        )
+        run.log_figure(figure, "test/predictions.png")
+        plt.close(figure)
