@@ -3,6 +3,7 @@
     python scripts/bench_overhead.py                  # the default run's task, 5 repeats
     python scripts/bench_overhead.py --tiny           # seconds: digits, 32 px, 1 repeat
     python scripts/bench_overhead.py --device cuda --model resnet50 --image-size 224
+    python scripts/bench_overhead.py --task segmentation --batch-size 16 --eval-batch-size 32
 
 Each repeat runs three paths in turn (A B C, then C B A, ...): transferlab's `run()` composed from
 conf/ as the CLI does (its real Trainer, callbacks and MLflow logging); a plain PyTorch loop
@@ -41,7 +42,9 @@ from transferlab.build import build_datamodule
 from transferlab.data.datasets import to_mode
 from transferlab.machine import cpu
 from transferlab.models import build_classifier
+from transferlab.models.segmentation import build_segmenter
 from transferlab.runtime import native_bf16
+from transferlab.tasks.segmentation import SegmentationLoss
 from transferlab.train import CONF_DIR
 from transferlab.train import run as transferlab_run
 
@@ -101,7 +104,11 @@ def config(args: argparse.Namespace, workdir: Path):
     ]
     if args.image_size:
         overrides.append(f"data.image_size={args.image_size}")
-    if args.tiny:
+    if args.task == "segmentation":
+        overrides.insert(0, "task=segmentation")
+        if args.tiny:
+            overrides += ["data.image_size=64", "data.train_images=16"]
+    elif args.tiny:
         overrides += ["data=digits", "data.image_size=32", "data.samples_per_class=null"]
     if args.device == "cuda":
         overrides.append("trainer=gpu")
@@ -137,6 +144,20 @@ class PerSampleImages(Dataset):
         return self.transform(image), int(self.split.images.labels[source])
 
 
+class ImageMaskPairs(Dataset):
+    """A segmentation dataset's samples as (image, mask) tuples, as a plain loop takes them."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample = self.dataset[index]
+        return sample["image"], sample["mask"]
+
+
 def timed_batches(loader: DataLoader, limit: int, step, device: torch.device) -> float:
     """Images per second of ``step`` over the first ``limit`` batches, loading included."""
     images = 0
@@ -167,17 +188,22 @@ def run_plain(cfg, args: argparse.Namespace, fast: bool) -> dict[str, float]:
         crop_pct=config["crop_pct"],
         crop_mode=config["crop_mode"],
     )
-    train = PerSampleImages(data.train_set, transform, data.image_mode)
-    test = PerSampleImages(data.test_set, transform, data.image_mode)
-    model = build_classifier(cfg.model, num_classes=data.num_classes)
+    if args.task == "segmentation":  # the same smp model and paired per-sample transforms
+        train, test = ImageMaskPairs(data.train_set), ImageMaskPairs(data.test_set)
+        model = build_segmenter(cfg.model, data.num_classes, cfg.task.decoder)
+        criterion = SegmentationLoss(cfg.task.loss, cfg.task.ignore_index)
+    else:
+        train = PerSampleImages(data.train_set, transform, data.image_mode)
+        test = PerSampleImages(data.test_set, transform, data.image_mode)
+        model = build_classifier(cfg.model, num_classes=data.num_classes)
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.loss.label_smoothing)
     model.to(device, memory_format=layout).train()
-    for layer in model.modules():  # pretrained BatchNorm statistics stay fixed
+    for layer in model.backbone.modules():  # pretrained BatchNorm statistics stay fixed
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             layer.eval()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay
     )
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.loss.label_smoothing)
 
     def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_train):
@@ -238,6 +264,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a few seconds, for tests")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", default="efficientnet_lite0", help="a conf/model option")
+    parser.add_argument(
+        "--task", choices=("classification", "segmentation"), default="classification"
+    )
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-batch-size", type=int, default=256)
@@ -270,7 +299,9 @@ def main() -> None:
             rows[-1]["load_avg_1min"] = os.getloadavg()[0]
             print(f"repeat {repeat + 1}/{args.repeats}: {json.dumps(rows[-1])}", flush=True)
     summary = summarise(rows)
-    task = f"{cfg.data.source} {cfg.data.image_size}px, {cfg.model.name}, {args.device}"
+    task = (
+        f"{args.task}: {cfg.data.source} {cfg.data.image_size}px, {cfg.model.name}, {args.device}"
+    )
     print_table(summary, f"{task}; batch {args.batch_size} (eval {args.eval_batch_size})")
     print(
         f"CPU: {cpu().describe()}; OMP_WAIT_POLICY: {os.environ.get('OMP_WAIT_POLICY', 'default')}"

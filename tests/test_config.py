@@ -39,11 +39,14 @@ ALL_OPTIONS = [(group, option) for group in GROUPS for option in options(group)]
 @pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
 def test_every_option_composes_and_resolves(tmp_path: Path, group: str, option: str) -> None:
     overrides = [f"{group}={option}"]
-    if (group, option) == ("data", "image_folder"):
+    if (group, option) in (("data", "image_folder"), ("data", "seg_folder")):
         overrides.append("data.root=/images")
     cfg = compose_train(tmp_path, *overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    assert resolved["monitor"] == "val/acc"
+    segmentation = resolved["task"]["name"] == "segmentation"
+    assert resolved["monitor"] == ("val/miou" if segmentation else "val/acc")
+    checkpoint = (resolved.get("callbacks") or {}).get("model_checkpoint")
+    assert checkpoint is None or checkpoint["monitor"] == resolved["monitor"]
 
 
 def test_groups_have_the_documented_options() -> None:
@@ -74,8 +77,13 @@ def test_monitor_is_declared_once_and_interpolated(tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, "monitor=val/f1", "mode=max")
     assert cfg.callbacks.model_checkpoint.monitor == "val/f1"
     assert cfg.callbacks.early_stopping.monitor == "val/f1"
-    texts = [p.read_text() for p in CONF_DIR.rglob("*.yaml") if p.name != "train.yaml"]
-    assert not any("monitor: val/" in text for text in texts)
+    # Declared in train.yaml, and by a task for its own metric; interpolated everywhere else.
+    texts = {
+        p.relative_to(CONF_DIR).as_posix(): p.read_text()
+        for p in CONF_DIR.rglob("*.yaml")
+        if p.name != "train.yaml" and p.parent.name != "task"
+    }
+    assert [name for name, text in texts.items() if "monitor: val/" in text] == []
 
 
 @pytest.mark.parametrize("option", options("optimizer"))

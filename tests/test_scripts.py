@@ -104,3 +104,13 @@ def test_wait_policy_benchmark_tiny(tmp_path: Path) -> None:
         "default", "PASSIVE", "default", "PASSIVE",
     ]  # fmt: skip
     assert all(row["second_img_s"] > 0 for row in report["shared"][1:])
+
+
+def test_overhead_benchmark_tiny_segmentation(tmp_path: Path) -> None:
+    stdout, report = run_script(
+        "bench_overhead", tmp_path, "--task", "segmentation", "--batch-size", "4",
+        "--eval-batch-size", "8",
+    )  # fmt: skip
+    assert "segmentation: fmnist_scenes" in stdout
+    for path in ("transferlab", "plain", "plain_fast"):
+        assert report[f"{path}_train_img_s"] > 0 and report[f"{path}_eval_img_s"] > 0

@@ -180,3 +180,28 @@ def test_a_sweep_of_decoders_and_strategies_compares_miou(tmp_path: Path) -> Non
     assert compared.returncode == 0 and "test/miou" in compared.stdout
     for child in children:
         assert math.isfinite(child.data.metrics["test/miou"])
+
+
+def test_bn_eval_keeps_the_encoders_statistics_and_the_decoder_learns_its_own(
+    tmp_path: Path,
+) -> None:
+    import pytorch_lightning as pl
+
+    cfg = tiny_config(tmp_path, "finetune=full", "finetune.bn=eval")
+    parts = build_parts(cfg)
+
+    def running_means(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in module.state_dict().items() if "running_mean" in k}
+
+    encoder, decoder = running_means(parts.network.backbone), running_means(parts.network.head)
+    assert encoder and decoder
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[parts.strategy],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(parts.module, datamodule=parts.datamodule)
+    after_encoder = running_means(parts.network.backbone)
+    after_decoder = running_means(parts.network.head)
+    assert all(torch.equal(encoder[k], after_encoder[k]) for k in encoder)
+    assert all(not torch.equal(decoder[k], after_decoder[k]) for k in decoder)

@@ -27,18 +27,3 @@ def backbone_stages(backbone: nn.Module) -> list[list[str]]:
         missing = sorted(set(names) - set(covered))
         raise RuntimeError(f"timm's grouping of {type(backbone).__name__} misses {missing[:3]}")
     return [stage for stage in stages if stage]
-
-
-def stage_modules(backbone: nn.Module, stages: list[list[str]]) -> list[list[nn.Module]]:
-    """For each stage, the modules whose own parameters all belong to it (BatchNorm etc.)."""
-    owner = {name: i for i, stage in enumerate(stages) for name in stage}
-    result: list[list[nn.Module]] = [[] for _ in stages]
-    for module_name, module in backbone.named_modules():
-        own = [n for n, _ in module.named_parameters(recurse=False)]
-        if not own:
-            continue
-        prefix = f"{module_name}." if module_name else ""
-        ids = {owner[prefix + n] for n in own}
-        if len(ids) == 1:
-            result[ids.pop()].append(module)
-    return result

@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 from torch import nn
 
 from transferlab.errors import UserError
-from transferlab.finetune.stages import backbone_stages, stage_modules
+from transferlab.finetune.stages import backbone_stages
 from transferlab.optim import param_groups
 
 BN_POLICIES = ("frozen", "eval", "train")
@@ -38,7 +38,10 @@ def is_frozen(module: nn.Module) -> bool:
 
 
 def apply_bn_policy(network: nn.Module, policy: str) -> None:
-    """Put BatchNorm layers in eval mode (running statistics fixed) as ``policy`` says.
+    """Put ``network``'s (a backbone's) BatchNorm layers in eval mode as ``policy`` says.
+
+    Only pretrained statistics are worth keeping: strategies apply this to the backbone,
+    so BatchNorm in a new head or decoder always learns its statistics.
 
     ``frozen``: the layers whose parameters are frozen; ``eval``: all of them (their affine
     parameters still train); ``train``: none (PyTorch's default: even frozen layers update
@@ -86,7 +89,6 @@ class FinetuneStrategy(pl.Callback):
         self.bn = bn
         self.feature_cache = bool(feature_cache)
         self.stages: list[list[str]] = []
-        self._stage_modules: list[list[nn.Module]] = []
         self._trainable: int | None = None
         self._logged: int | None = None
         self._head_solved = False
@@ -125,7 +127,6 @@ class FinetuneStrategy(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         backbone = pl_module.network.backbone
         self.stages = backbone_stages(backbone)
-        self._stage_modules = stage_modules(backbone, self.stages)
         self.apply(pl_module, trainer.current_epoch)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -134,7 +135,7 @@ class FinetuneStrategy(pl.Callback):
         network.train()  # undo eval() of stages frozen in an earlier phase
         if self._trainable == 0:
             network.backbone.eval()  # frozen entirely: no dropout, no statistics updates
-        apply_bn_policy(network, self.bn)
+        apply_bn_policy(network.backbone, self.bn)  # the new head's BatchNorm always learns
         if self._trainable != self._logged and trainer.logger is not None:
             self._logged = self._trainable
             total = sum(p.numel() for p in network.parameters())
