@@ -205,3 +205,24 @@ def test_bn_eval_keeps_the_encoders_statistics_and_the_decoder_learns_its_own(
     after_decoder = running_means(parts.network.head)
     assert all(torch.equal(encoder[k], after_encoder[k]) for k in encoder)
     assert all(not torch.equal(decoder[k], after_decoder[k]) for k in decoder)
+
+
+def test_fast_metric_updates_in_deterministic_runs_give_the_same_values() -> None:
+    from transferlab.module import metric_updates
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 16, 16, generator=generator)
+    mask = torch.randint(0, 5, (2, 16, 16), generator=generator)
+    task = build_task({"name": "segmentation"})
+    slow, fast = task.metrics(5), task.metrics(5)
+    torch.use_deterministic_algorithms(True)
+    try:
+        slow.update(logits, mask)  # torchmetrics' deterministic bincount
+        with metric_updates(logits.device):
+            assert not torch.are_deterministic_algorithms_enabled()
+            fast.update(logits, mask)
+        assert torch.are_deterministic_algorithms_enabled()  # restored
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for name, value in slow.compute().items():
+        assert torch.equal(value, fast.compute()[name]), name

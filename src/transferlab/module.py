@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,6 +14,26 @@ from transferlab.finetune import FinetuneStrategy
 from transferlab.optim import OptimizerFactory, SchedulerFactory, apply_lr_mult
 from transferlab.runtime import Runtime
 from transferlab.tasks import Task, build_task
+
+
+@contextlib.contextmanager
+def metric_updates(device: torch.device) -> Iterator[None]:
+    """Let torchmetrics use torch's bincount on CPU in a deterministic run.
+
+    Under ``torch.use_deterministic_algorithms`` torchmetrics replaces bincount by a
+    comparison against every bin, which costs pixels x classes^2 for a segmentation batch
+    (1.2 s against 0.28 s for one batch of 32 masks at 128 px, 11 classes). The CPU bincount
+    is deterministic, so results are identical.
+    """
+    if device.type != "cpu" or not torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
 class TransferModule(pl.LightningModule):
@@ -84,7 +105,8 @@ class TransferModule(pl.LightningModule):
         target = batch[self.task.target]
         outputs = self.outputs(batch)
         loss = self.criterion(outputs, target)
-        self.train_metrics.update(outputs, target)
+        with metric_updates(outputs.device):
+            self.train_metrics.update(outputs, target)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss if loss.requires_grad else None  # None: nothing trains (a solved probe)
 
@@ -96,7 +118,8 @@ class TransferModule(pl.LightningModule):
         target = batch[self.task.target]
         outputs = self.infer(batch)
         self.log("val/loss", self.criterion(outputs, target), on_epoch=True)
-        self.val_metrics.update(outputs, target)
+        with metric_updates(outputs.device):
+            self.val_metrics.update(outputs, target)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
@@ -106,9 +129,10 @@ class TransferModule(pl.LightningModule):
         target = batch[self.task.target]
         outputs = self.infer(batch)
         self.log("test/loss", self.criterion(outputs, target), on_epoch=True)
-        self.test_metrics.update(outputs, target)
-        for metric in self.test_state.values():
-            metric.update(outputs, target)
+        with metric_updates(outputs.device):
+            self.test_metrics.update(outputs, target)
+            for metric in self.test_state.values():
+                metric.update(outputs, target)
 
     def on_test_epoch_start(self) -> None:
         for metric in self.test_state.values():

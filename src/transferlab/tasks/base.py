@@ -81,6 +81,29 @@ class Task:
         """
 
 
+def construct_datamodule(factory: Callable[..., Any], cfg: Any, **extra: Any) -> Any:
+    """``factory`` called with the ``data`` group, the seed, the backbone's preprocessing and
+    the augmentation, then set up; a wrong data key becomes a one-line error."""
+    from omegaconf import OmegaConf
+
+    from transferlab.models import model_data_config
+
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    augment = OmegaConf.to_container(cfg.augment, resolve=True) if cfg.get("augment") else None
+    try:
+        datamodule = factory(
+            **data_cfg,
+            seed=cfg.seed,
+            data_config=model_data_config(cfg.model),
+            augment=augment,
+            **extra,
+        )
+    except TypeError as err:
+        raise UserError(f"data config: {err}") from None
+    datamodule.setup("fit")
+    return datamodule
+
+
 def build_task(cfg: Mapping[str, Any] | None) -> Task:
     """The task named by the ``task`` config group (classification when absent)."""
     for module in BUILT_IN:  # importing a task module registers it

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import OmegaConf
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
@@ -13,8 +12,7 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from transferlab.errors import UserError
-from transferlab.tasks.base import Task, register_task
+from transferlab.tasks.base import Task, construct_datamodule, register_task
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -36,21 +34,8 @@ class Classification(Task):
 
     def build_datamodule(self, cfg: Any):
         from transferlab.data import TransferDataModule
-        from transferlab.models import model_data_config
 
-        data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-        augment = OmegaConf.to_container(cfg.augment, resolve=True) if cfg.get("augment") else None
-        try:
-            datamodule = TransferDataModule(
-                **data_cfg,
-                seed=cfg.seed,
-                data_config=model_data_config(cfg.model),
-                augment=augment,
-            )
-        except TypeError as err:
-            raise UserError(f"data config: {err}") from None
-        datamodule.setup("fit")
-        return datamodule
+        return construct_datamodule(TransferDataModule, cfg)
 
     def build_network(self, model_cfg: Any, num_classes: int) -> nn.Module:
         from transferlab.models import build_classifier

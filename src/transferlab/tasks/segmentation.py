@@ -21,7 +21,7 @@ from torchmetrics.classification import (
 )
 
 from transferlab.errors import UserError
-from transferlab.tasks.base import Task, register_task
+from transferlab.tasks.base import Task, construct_datamodule, register_task
 
 LOSSES = ("ce", "dice", "ce+dice")
 REPORT_IMAGES = 8
@@ -63,30 +63,15 @@ class Segmentation(Task):
         self.decoder, self.loss, self.ignore_index = decoder, loss, int(ignore_index)
 
     def build_datamodule(self, cfg: Any):
-        from omegaconf import OmegaConf
-
         from transferlab.data.seg_datamodule import SEG_SOURCES, SegmentationDataModule
-        from transferlab.models import model_data_config
 
-        data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-        if data_cfg.get("source") not in SEG_SOURCES:
+        source = cfg.data.get("source")
+        if source not in SEG_SOURCES:
             raise UserError(
-                f"data={data_cfg.get('source')} is not a segmentation source: with "
-                f"task=segmentation choose data= from {', '.join(SEG_SOURCES)}"
+                f"data={source} is not a segmentation source: with task=segmentation "
+                f"choose data= from {', '.join(SEG_SOURCES)}"
             )
-        augment = OmegaConf.to_container(cfg.augment, resolve=True) if cfg.get("augment") else None
-        try:
-            datamodule = SegmentationDataModule(
-                **data_cfg,
-                seed=cfg.seed,
-                data_config=model_data_config(cfg.model),
-                augment=augment,
-                ignore_index=self.ignore_index,
-            )
-        except TypeError as err:
-            raise UserError(f"data config: {err}") from None
-        datamodule.setup("fit")
-        return datamodule
+        return construct_datamodule(SegmentationDataModule, cfg, ignore_index=self.ignore_index)
 
     def build_network(self, model_cfg: Any, num_classes: int) -> nn.Module:
         from transferlab.models.segmentation import build_segmenter
