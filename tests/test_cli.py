@@ -262,3 +262,37 @@ def test_the_default_run_keeps_its_accuracy(tmp_path: Path) -> None:
         "PASSIVE",
         os.environ.get("OMP_WAIT_POLICY"),
     )
+
+
+def test_an_installed_wheel_runs_from_an_empty_folder(tmp_path: Path) -> None:
+    """`pip install .` (not editable): the configs travel inside the package."""
+    import sysconfig
+
+    wheels = tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         str(ROOT), "-w", str(wheels)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-3000:]
+    site = tmp_path / "site"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+         *map(str, wheels.glob("transferlab-*.whl"))],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+    assert (site / "transferlab" / "conf" / "train.yaml").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # The installed package first; its dependencies from this environment.
+    path = os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]])
+    env = {**os.environ, "PYTHONPATH": path}
+    code = "import transferlab.cli as c, sys; print(c.__file__, file=sys.stderr); c.main()"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "train", *SMOKE, "trainer.max_epochs=1"],
+        cwd=empty, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert str(site) in result.stderr.splitlines()[0]  # not the source checkout
+    assert "MLflow run:" in result.stdout and (empty / "mlruns" / "mlflow.db").is_file()

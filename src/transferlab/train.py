@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from transferlab.runtime import Runtime
     from transferlab.tracking import TrackedRun
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The package's configs: src/transferlab/conf links to the repository's conf/, and a wheel
+# carries them as package data, so every command works from any folder.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 # Known, harmless warnings that would bury the useful output.
 QUIET_WARNINGS = (
