@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,10 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_startup import transferlab_command  # scripts/ is on the path when run
+
 from transferlab.machine import cpu, usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 PLAIN = ROOT / "scripts" / "plain_pytorch.py"
 TINY_TRANSFERLAB = [
     "data.samples_per_class=5",
@@ -41,11 +41,6 @@ TINY_TRANSFERLAB = [
 ]
 TINY_PLAIN = ["--train-per-class", "5", "--val-per-class", "5", "--epochs", "1", "--test-limit", "512"]  # fmt: skip
 SUMMARY = re.compile(r"^\s+(test/acc|time/fit_s|time/test_s)\s+([0-9.]+)$", re.MULTILINE)
-
-
-def transferlab_command() -> list[str]:
-    script = shutil.which("transferlab", path=str(BIN))
-    return [script] if script else [sys.executable, "-m", "transferlab.cli"]
 
 
 def timed(command: list[str], cwd: Path) -> tuple[float, str]:

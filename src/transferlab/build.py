@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
     from torch import nn
 
+    from transferlab.callbacks import TrainingWatch
     from transferlab.finetune import FinetuneStrategy
     from transferlab.module import TransferModule
     from transferlab.runtime import Runtime
@@ -114,6 +115,7 @@ class RunParts:
     strategy: FinetuneStrategy
     module: TransferModule
     callbacks: list
+    watch: TrainingWatch
     fit_data: pl.LightningDataModule
     trainer_options: dict[str, Any]
 
@@ -142,6 +144,9 @@ def build_parts(cfg: DictConfig, runtime: Runtime | None = None) -> RunParts:
         task=task,
         criterion=task.criterion(cfg),
     )
-    callbacks = [*build_callbacks(cfg.get("callbacks"), allowed), strategy, TrainingWatch()]
+    watch = TrainingWatch()
+    callbacks = [*build_callbacks(cfg.get("callbacks"), allowed), strategy, watch]
     fit_data, options = with_feature_cache(datamodule, strategy, task, cfg.trainer.max_epochs)
-    return RunParts(task, datamodule, network, strategy, module, callbacks, fit_data, options)
+    return RunParts(
+        task, datamodule, network, strategy, module, callbacks, watch, fit_data, options
+    )

@@ -143,10 +143,9 @@ def fit_and_test(
     )
     timings = {"time/fit_s": fit_seconds, "time/test_s": time.perf_counter() - started}
     test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
-    watch = next(c for c in parts.callbacks if type(c).__name__ == "TrainingWatch")
     summary = {
         f"best/{cfg.monitor}": best,
-        "perf/train_images_per_s": watch.images / fit_seconds,
+        "perf/train_images_per_s": parts.watch.images / fit_seconds,
         **timings,
     }
     if run is not None:
