@@ -23,11 +23,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from transferlab import CONF_DIR
 from transferlab.data import TransferDataModule
 from transferlab.data.sources import load_source
 from transferlab.models import build_classifier, model_data_config
 from transferlab.runtime import Runtime
-from transferlab.train import CONF_DIR
 
 
 def write_jpeg_folder(root: Path, per_class: int, size: int) -> Path:

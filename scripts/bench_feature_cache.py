@@ -19,8 +19,8 @@ import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from transferlab import CONF_DIR
 from transferlab.build import build_parts
-from transferlab.train import CONF_DIR
 
 
 def config(tiny: bool, epochs: int):

@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from transferlab.train import CONF_DIR
+from transferlab import CONF_DIR
 from transferlab.train import run as transferlab_run
 
 

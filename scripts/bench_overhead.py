@@ -38,6 +38,7 @@ from timm.data import create_transform
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from transferlab import CONF_DIR
 from transferlab.build import build_datamodule
 from transferlab.data.datasets import to_mode
 from transferlab.machine import cpu
@@ -45,7 +46,6 @@ from transferlab.models import build_classifier
 from transferlab.models.segmentation import build_segmenter
 from transferlab.runtime import native_bf16
 from transferlab.tasks.segmentation import SegmentationLoss
-from transferlab.train import CONF_DIR
 from transferlab.train import run as transferlab_run
 
 PATHS = ("transferlab", "plain", "plain_fast")

@@ -10,10 +10,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
+from transferlab import CONF_DIR
 from transferlab.build import build_callbacks, build_trainer, instantiate
 from transferlab.errors import UserError
 from transferlab.finetune import STRATEGIES, build_strategy
-from transferlab.train import CONF_DIR
 
 GROUPS = ["data", "model", "augment", "optimizer", "scheduler", "finetune", "trainer"]
 GROUPS += ["callbacks", "tracking", "experiment", "hparams_search"]
@@ -124,6 +124,8 @@ def test_finetune_options_build_their_strategy(tmp_path: Path, option: str) -> N
         assert strategy.name == "full" and cfg.model.pretrained is False
     else:
         assert strategy.name == option
+        # The config file is the one source of defaults: Python builds the same strategy.
+        assert vars(build_strategy({"strategy": option})) == vars(strategy)
 
 
 def test_targets_outside_the_allowed_list_are_refused(tmp_path: Path) -> None:

@@ -14,12 +14,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from transferlab import CONF_DIR
 from transferlab.build import build_parts
 from transferlab.errors import UserError
 from transferlab.models import build_classifier
 from transferlab.models.segmentation import build_segmenter
 from transferlab.tasks import build_task
-from transferlab.train import CONF_DIR
 
 BIN = Path(sys.executable).parent
 LITE0 = {"name": "tf_efficientnet_lite0", "pretrained": True, "weights": "package"}

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from transferlab.finetune import FinetuneStrategy
+from transferlab.finetune import FinetuneStrategy, build_strategy
 from transferlab.optim import OptimizerFactory, SchedulerFactory, apply_lr_mult
 from transferlab.runtime import Runtime
 from transferlab.tasks import Task, build_task
@@ -77,7 +77,7 @@ class TransferModule(pl.LightningModule):
         self.network = self.runtime.prepare(network)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.finetune = finetune or FinetuneStrategy()
+        self.finetune = finetune or build_strategy({"strategy": "full"})
         self.criterion = criterion or self.task.criterion(
             {"loss": {"label_smoothing": label_smoothing}}
         )

@@ -12,12 +12,12 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig
 
+from transferlab import CONF_DIR
 from transferlab.errors import UserError
 from transferlab.tracking.record import sweep_job_num
 
@@ -26,9 +26,6 @@ if TYPE_CHECKING:
     from transferlab.runtime import Runtime
     from transferlab.tracking import TrackedRun
 
-# The package's configs: src/transferlab/conf links to the repository's conf/, and a wheel
-# carries them as package data, so every command works from any folder.
-CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 # Known, harmless warnings that would bury the useful output.
 QUIET_WARNINGS = (

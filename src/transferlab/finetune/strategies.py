@@ -57,18 +57,23 @@ def apply_bn_policy(network: nn.Module, policy: str) -> None:
 
 
 class FinetuneStrategy(pl.Callback):
-    """Base strategy: every stage trains from the start (``full``)."""
+    """Base strategy: every stage trains from the start (``full``).
+
+    The options have no defaults here: ``conf/finetune/<name>.yaml`` is their one source,
+    and :func:`build_strategy` fills in what a caller leaves out from there.
+    """
 
     name = "full"
 
     def __init__(
         self,
-        backbone_lr_mult: float = 1.0,
-        layer_decay: float = 1.0,
-        bn: str = "frozen",
-        feature_cache: bool = True,
-        probe_solver: str = "optimizer",
-        probe_C: float = 1.0,
+        *,
+        backbone_lr_mult: float,
+        layer_decay: float,
+        bn: str,
+        feature_cache: bool,
+        probe_solver: str,
+        probe_C: float,
     ) -> None:
         if bn not in BN_POLICIES:
             raise UserError(f"finetune.bn={bn!r} is not one of {', '.join(BN_POLICIES)}")
@@ -224,7 +229,7 @@ class Partial(FinetuneStrategy):
 
     name = "partial"
 
-    def __init__(self, freeze_stages: int = 2, **options: Any) -> None:
+    def __init__(self, *, freeze_stages: int, **options: Any) -> None:
         super().__init__(**options)
         if freeze_stages < 0:
             raise UserError(f"finetune.freeze_stages={freeze_stages} must be >= 0")
@@ -250,9 +255,10 @@ class Gradual(FinetuneStrategy):
 
     def __init__(
         self,
-        unfreeze_every: int = 1,
-        milestones: Sequence[int] | None = None,
-        max_stages: int | None = None,
+        *,
+        unfreeze_every: int,
+        milestones: Sequence[int] | None,
+        max_stages: int | None,
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -284,7 +290,7 @@ class LinearProbeThenFinetune(FinetuneStrategy):
 
     name = "lp_ft"
 
-    def __init__(self, probe_epochs: int = 3, **options: Any) -> None:
+    def __init__(self, *, probe_epochs: int, **options: Any) -> None:
         super().__init__(**options)
         if probe_epochs < 1:
             raise UserError(f"finetune.probe_epochs={probe_epochs} must be >= 1")
@@ -305,14 +311,34 @@ STRATEGIES: dict[str, type[FinetuneStrategy]] = {
 }
 
 
+def strategy_defaults(name: str) -> dict[str, Any]:
+    """The options ``conf/finetune/<name>.yaml`` sets, its ``defaults`` list merged first."""
+    from omegaconf import OmegaConf
+
+    from transferlab import CONF_DIR
+
+    node = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "finetune" / f"{name}.yaml"))
+    options: dict[str, Any] = {}
+    for base in node.pop("defaults", []):
+        if base != "_self_":
+            options.update(strategy_defaults(base))
+    options.update(node)
+    return options
+
+
 def build_strategy(cfg: Mapping[str, Any]) -> FinetuneStrategy:
-    """The strategy named by ``cfg['strategy']``, built from the rest of ``cfg``."""
-    options = dict(cfg)
-    name = options.pop("strategy", None)
+    """The strategy named by ``cfg['strategy']``, built from the rest of ``cfg``.
+
+    Options ``cfg`` leaves out take the values of the strategy's config file, so a strategy
+    built in Python is the one ``finetune=<name>`` gives.
+    """
+    name = cfg.get("strategy")
     if name not in STRATEGIES:
         raise UserError(
             f"unknown finetune strategy {name!r}: choose one of {', '.join(STRATEGIES)}"
         )
+    options = {**strategy_defaults(name), **cfg}
+    options.pop("strategy")
     try:
         return STRATEGIES[name](**options)
     except TypeError as err:
