@@ -123,16 +123,20 @@ def test_train_records_a_finished_mlflow_run(tmp_path: Path) -> None:
     rows = local.read_text().splitlines()
     assert rows[0] == "class,support,precision,recall,f1" and len(rows) == 11
 
+    assert tags["finetune"] == "full"  # the finetune= option chosen: the run's label
+
+    # An experiment's runs compare like a sweep's, ranked by the runs' own monitor.
     report = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "experiment_report.py"), "--experiment", "e2e"],
+        [str(BIN / "transferlab"), "compare", "e2e", "--out", str(tmp_path / "cmp")],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert report.returncode == 0, report.stderr
-    (row,) = [line for line in report.stdout.splitlines() if run_id[:8] in line]
-    assert row.startswith("| full | ") and f"{printed['test/acc']:.4f}" in row
+    rows = [line for line in report.stdout.splitlines() if line.startswith("|")]
+    (row,) = [line for line in rows if run_id[:8] in line]
+    assert f"{printed['test/acc']:.4f}" in row and "best val/acc" in report.stdout
 
 
 def test_a_run_started_on_busy_cores_waits_passively(tmp_path: Path) -> None:

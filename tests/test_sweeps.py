@@ -113,6 +113,18 @@ def test_grid_sweep_has_one_parent_with_a_comparison_and_a_child_per_job(tmp_pat
         assert (out / "comparison.png").stat().st_size > 0
         assert len(read_csv(out / "comparison.csv")) == 4
 
+    # --x: the swept param gets its own column and the chart plots against it.
+    out = tmp_path / "compare" / "by_lr"
+    shown = subprocess.run(
+        [str(BIN / "transferlab"), "compare", parent.run_id, "--x", "optimizer.lr",
+         "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    table = read_csv(out / "comparison.csv")
+    assert {row["optimizer.lr"] for row in table} == {"0.001", "0.0003"}
+    assert {row["overrides"] for row in table} == {"finetune=linear_probe", "finetune=full"}
+
 
 def test_failing_job_is_a_failed_child_and_the_sweep_goes_on(tmp_path: Path) -> None:
     # An absurd learning rate makes the loss NaN: the divergence guard fails that job.
@@ -270,3 +282,23 @@ def test_comparison_ranks_finished_rows_by_the_monitor_and_mode() -> None:
     assert (
         short_value("0.0012520653814999472") == "0.001252" and short_value("resnet50") == "resnet50"
     )
+
+
+def test_trend_chart_draws_one_line_per_configuration_averaged_over_seeds() -> None:
+    from transferlab.reports.comparison import Comparison, chart
+
+    def row(strategy: str, n: int, seed: int, acc: float) -> dict:
+        return {"run_id": f"{strategy}{n}{seed}", "status": "FINISHED", "n": str(n),
+                "overrides": f"finetune={strategy} seed={seed}", "best val/acc": acc,
+                "test/acc": acc, "error": ""}  # fmt: skip
+
+    rows = [row("full", 10, 0, 0.5), row("full", 10, 1, 0.7), row("full", 100, 0, 0.9)]
+    rows += [row("linear_probe", 10, 0, 0.4), row("linear_probe", 100, 0, 0.6)]
+    figure = chart(Comparison("t", "val/acc", "max", rows, x="n"))
+    (ax,) = figure.axes
+    lines = {line.get_label(): list(zip(*line.get_data(), strict=True)) for line in ax.get_lines()}
+    assert lines == {
+        "finetune=full": [(10.0, pytest.approx(0.6)), (100.0, 0.9)],
+        "finetune=linear_probe": [(10.0, 0.4), (100.0, 0.6)],
+    }
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "n"

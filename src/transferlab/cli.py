@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from transferlab import __version__
 from transferlab.errors import UserError
@@ -41,7 +40,7 @@ def train(argv: list[str]) -> int:
 
 
 def ui(argv: list[str]) -> int:
-    from transferlab.tracking.store import artifact_root, default_store_uri
+    from transferlab.tracking.store import artifact_root, existing_store_uri
 
     parser = argparse.ArgumentParser(
         prog="transferlab ui", description="Open the MLflow dashboard on 127.0.0.1."
@@ -49,18 +48,10 @@ def ui(argv: list[str]) -> int:
     parser.add_argument("--store-dir", default="mlruns", help="local store folder (mlruns)")
     parser.add_argument("--port", type=int, default=5000)
     args = parser.parse_args(argv)
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri and uri.startswith(("http://", "https://")):
+    uri = existing_store_uri(args.store_dir)
+    if uri.startswith(("http://", "https://")):
         print(f"MLFLOW_TRACKING_URI points to a server already: open {uri}")
         return 0
-    if not uri:
-        store = Path(args.store_dir)
-        if not (store / "mlflow.db").exists():
-            raise UserError(
-                f"no run store at {store.resolve()}/mlflow.db: run `transferlab train` here "
-                "first, or pass --store-dir DIR"
-            )
-        uri = default_store_uri(store)
     command = [
         sys.executable, "-m", "mlflow", "ui",
         "--backend-store-uri", uri,

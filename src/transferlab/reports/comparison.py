@@ -40,6 +40,8 @@ class Comparison:
     rows: list[dict[str, Any]]
     optuna: bool = False
     test_metrics: Sequence[str] = CLASSIFICATION_METRICS
+    # A param to chart the first test metric against (one line per configuration).
+    x: str | None = None
     failed: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -90,10 +92,15 @@ def varying(overrides: Sequence[dict[str, str]]) -> list[str]:
     return [k for k in keys if len({o.get(k) for o in overrides}) > 1]
 
 
-def comparison_rows(runs: Sequence[Any], monitor: str) -> list[dict[str, Any]]:
-    """One row per MLflow run (oldest first): what differs, status, metrics, cost."""
+def comparison_rows(
+    runs: Sequence[Any], monitor: str, x: str | None = None
+) -> list[dict[str, Any]]:
+    """One row per MLflow run (oldest first): what differs, status, metrics, cost.
+
+    With ``x``, the run's value of param ``x`` gets a column of its own.
+    """
     overrides = [split_overrides(run.data.tags.get("overrides")) for run in runs]
-    keys = varying(overrides)
+    keys = [key for key in varying(overrides) if key != x]
     test_metrics = test_metrics_of(runs)
     rows = []
     for run, job in zip(runs, overrides, strict=True):
@@ -104,6 +111,7 @@ def comparison_rows(runs: Sequence[Any], monitor: str) -> list[dict[str, Any]]:
             "run_id": info.run_id,
             "overrides": " ".join(f"{k}={short_value(job[k])}" for k in keys if k in job)
             or info.run_name,
+            **({x: run.data.params.get(x, "")} if x else {}),
             "status": info.status,
             f"best {monitor}": metrics.get(f"best/{monitor}", math.nan),
             **{name: metrics.get(name, math.nan) for name in test_metrics},
@@ -116,7 +124,7 @@ def comparison_rows(runs: Sequence[Any], monitor: str) -> list[dict[str, Any]]:
     return rows
 
 
-def load_sweep(client: Any, parent_run_id: str) -> Comparison:
+def load_sweep(client: Any, parent_run_id: str, x: str | None = None) -> Comparison:
     """The comparison of the child runs of ``parent_run_id``."""
     parent = client.get_run(parent_run_id)
     tags = parent.data.tags
@@ -134,26 +142,43 @@ def load_sweep(client: Any, parent_run_id: str) -> Comparison:
         title=parent.info.run_name,
         monitor=monitor,
         mode=tags.get("sweep.mode", "max"),
-        rows=comparison_rows(runs, monitor),
+        rows=comparison_rows(runs, monitor, x),
         optuna=optuna,
         test_metrics=test_metrics_of(runs),
+        x=x,
     )
 
 
-def load_experiment(client: Any, experiment: Any, monitor: str, mode: str) -> Comparison:
-    """The comparison of every run of ``experiment`` that is not a sweep's parent."""
+def most_common_param(runs: Sequence[Any], name: str, default: str) -> str:
+    values = [run.data.params[name] for run in runs if name in run.data.params]
+    return max(set(values), key=values.count) if values else default
+
+
+def load_experiment(
+    client: Any,
+    experiment: Any,
+    monitor: str | None = None,
+    mode: str | None = None,
+    x: str | None = None,
+) -> Comparison:
+    """The comparison of every run of ``experiment`` that is not a sweep's parent.
+
+    ``monitor`` and ``mode`` default to the ones the runs were trained with.
+    """
     runs = client.search_runs(
         [experiment.experiment_id],
         order_by=["attributes.start_time ASC"],
         max_results=50000,
     )
     runs = [run for run in runs if run.data.tags.get("sweep.parent") != "true"]
+    monitor = monitor or most_common_param(runs, "monitor", "val/acc")
     return Comparison(
         experiment.name,
         monitor,
-        mode,
-        comparison_rows(runs, monitor),
+        mode or most_common_param(runs, "mode", "max"),
+        comparison_rows(runs, monitor, x),
         test_metrics=test_metrics_of(runs),
+        x=x,
     )
 
 
@@ -214,14 +239,18 @@ def write_csv(comparison: Comparison, path: Path) -> None:
 
 
 def chart(comparison: Comparison):
-    """Optuna: the optimisation history. Grid: each metric per configuration, seeds as dots."""
+    """Optuna: the optimisation history. Grid: each metric per configuration, seeds as dots.
+    With ``x``: the first test metric against ``x``, one line per configuration."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     finished = [r for r in comparison.rows if r["status"] == "FINISHED"]
-    if comparison.optuna:
+    if comparison.x:
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+        trend_axes(ax, comparison, finished)
+    elif comparison.optuna:
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
         history_axes(ax, comparison, finished)
     else:
@@ -267,6 +296,31 @@ def spread_axes(ax: Any, groups: dict[str, list[dict[str, Any]]], metric: str) -
     ax.set_yticks(range(len(groups)), list(groups))
     ax.set_xlabel(f"{metric} (dots: jobs; diamond: mean, bars: range)")
     ax.grid(True, axis="x", alpha=0.3)
+
+
+def trend_axes(ax: Any, comparison: Comparison, finished: Sequence[dict[str, Any]]) -> None:
+    """Mean of the first test metric over seeds against ``x`` (log scale if it spans 10x)."""
+    x, metric = comparison.x, comparison.test_metrics[0]
+    series: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for label, rows in grouped(finished).items():
+        for row in rows:
+            try:
+                value = float(row[x])
+            except ValueError:
+                continue
+            if math.isfinite(row.get(metric, math.nan)):
+                series[label][value].append(row[metric])
+    xs = [value for points in series.values() for value in points]
+    for label, points in sorted(series.items()):
+        at = sorted(points)
+        ax.plot(at, [sum(points[v]) / len(points[v]) for v in at], marker="o", label=label)
+    if xs and min(xs) > 0 and max(xs) >= 10 * min(xs):
+        ax.set_xscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"{metric} (mean over seeds)")
+    ax.grid(True, which="both", alpha=0.3)
+    if series:
+        ax.legend(fontsize="small")
 
 
 def history_axes(ax: Any, comparison: Comparison, finished: Sequence[dict[str, Any]]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from pathlib import Path
 
@@ -14,29 +13,23 @@ from transferlab.sweeps.callback import SWEEP_FILE
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def load(target: str, store_dir: str, monitor: str, mode: str):
+def load(target: str, store_dir: str, monitor: str | None, mode: str | None, x: str | None):
     """The comparison ``target`` names, and the folder its files go to by default."""
     import mlflow
 
     from transferlab.reports import comparison as cmp
-    from transferlab.tracking.store import default_store_uri
+    from transferlab.tracking.store import existing_store_uri
 
     sweep_file = Path(target) / SWEEP_FILE
     if sweep_file.is_file():
         info = json.loads(sweep_file.read_text())
         client = mlflow.MlflowClient(info["tracking_uri"])
-        return cmp.load_sweep(client, info["parent_run_id"]), Path(target)
+        return cmp.load_sweep(client, info["parent_run_id"], x), Path(target)
     if Path(target).is_dir():
         raise UserError(
             f"{target} has no {SWEEP_FILE}: it is not the folder of a sweep run with tracking on"
         )
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        if not (Path(store_dir) / "mlflow.db").exists():
-            raise UserError(
-                f"no run store at {Path(store_dir).resolve()}/mlflow.db; pass --store-dir DIR"
-            )
-        uri = default_store_uri(store_dir)
+    uri = existing_store_uri(store_dir)
     client = mlflow.MlflowClient(uri)
     if RUN_ID.match(target):
         from mlflow.exceptions import MlflowException
@@ -45,7 +38,7 @@ def load(target: str, store_dir: str, monitor: str, mode: str):
             client.get_run(target)
         except MlflowException:
             raise UserError(f"no run {target} in {uri}") from None
-        return cmp.load_sweep(client, target), Path("comparison") / target[:8]
+        return cmp.load_sweep(client, target, x), Path("comparison") / target[:8]
     experiment = client.get_experiment_by_name(target)
     if experiment is None:
         names = ", ".join(e.name for e in client.search_experiments())
@@ -53,7 +46,7 @@ def load(target: str, store_dir: str, monitor: str, mode: str):
             f"{target!r} is not a sweep folder, a run id or an experiment in {uri} "
             f"(experiments: {names or 'none'})"
         )
-    return cmp.load_experiment(client, experiment, monitor, mode), Path("comparison") / target
+    return cmp.load_experiment(client, experiment, monitor, mode, x), Path("comparison") / target
 
 
 def main(argv: list[str]) -> int:
@@ -67,11 +60,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("target", help="sweep folder (multirun/...), parent run id, or experiment")
     parser.add_argument("--out", type=Path, help="where the files go (default: the sweep folder)")
     parser.add_argument("--store-dir", default="mlruns", help="local store folder (mlruns)")
-    parser.add_argument("--monitor", default="val/acc", help="for an experiment: metric to rank by")
-    parser.add_argument("--mode", choices=("max", "min"), default="max")
+    parser.add_argument(
+        "--monitor", help="for an experiment: metric to rank by (default: the runs' monitor)"
+    )
+    parser.add_argument("--mode", choices=("max", "min"), help="default: the runs' mode")
+    parser.add_argument(
+        "--x",
+        metavar="PARAM",
+        help="chart the test metric against this param, one line per "
+        "configuration (e.g. --x data.samples_per_class)",
+    )
     args = parser.parse_args(argv)
 
-    comparison, default_out = load(args.target, args.store_dir, args.monitor, args.mode)
+    comparison, default_out = load(args.target, args.store_dir, args.monitor, args.mode, args.x)
     if not comparison.rows:
         raise UserError(f"{args.target}: no runs to compare yet")
     print(f"{cmp.markdown(comparison)}\n\n{cmp.summary(comparison)}")

@@ -30,11 +30,22 @@ def sweep_job_num() -> int | None:
     return int(HydraConfig.get().job.num)
 
 
+def finetune_label(cfg: DictConfig) -> str:
+    """The ``finetune=`` option the run chose (``from_scratch`` is one), else the strategy."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("finetune")
+        if choice:
+            return str(choice)
+    return str(cfg.finetune.strategy)
+
+
 def run_name(cfg: DictConfig, overrides: list[str]) -> str:
     if cfg.tracking.get("run_name"):
         return str(cfg.tracking.run_name)
     shown = [o for o in overrides if not o.startswith(("model=", "hydra."))]
-    return " ".join([f"{cfg.model.name}-{cfg.finetune.strategy}", *shown])[:250]
+    return " ".join([f"{cfg.model.name}-{finetune_label(cfg)}", *shown])[:250]
 
 
 def record_config(run: TrackedRun, cfg: DictConfig) -> None:
@@ -49,6 +60,7 @@ def record_config(run: TrackedRun, cfg: DictConfig) -> None:
         "command": provenance.command_line(),
         "overrides": " ".join(overrides) or "(none)",
         "output_dir": cfg.paths.output_dir,
+        "finetune": finetune_label(cfg),
         **{f"version.{k}": v for k, v in provenance.package_versions().items()},
     }
     job_num = sweep_job_num()

@@ -21,6 +21,20 @@ def resolve_tracking_uri(uri: str | None, store_dir: str | os.PathLike) -> str:
     return default_store_uri(store_dir)
 
 
+def existing_store_uri(store_dir: str | os.PathLike) -> str:
+    """For commands that read runs: MLFLOW_TRACKING_URI if set, else the local store, which
+    must exist already (a one-line error says how to make one)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if not (Path(store_dir).expanduser() / "mlflow.db").exists():
+        raise UserError(
+            f"no run store at {Path(store_dir).expanduser().resolve()}/mlflow.db: run "
+            "`transferlab train` here first, or pass --store-dir DIR"
+        )
+    return default_store_uri(store_dir)
+
+
 def artifact_root(store_dir: str | os.PathLike) -> Path:
     return Path(store_dir).expanduser().resolve() / "artifacts"
 
