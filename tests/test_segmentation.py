@@ -79,6 +79,39 @@ def test_miou_matches_a_hand_computed_value() -> None:
     assert values["pixel_acc"].item() == pytest.approx(5 / 7)
 
 
+def test_scores_from_one_confusion_matrix_equal_torchmetrics_own_metrics() -> None:
+    from torchmetrics.classification import (
+        MulticlassAccuracy,
+        MulticlassF1Score,
+        MulticlassJaccardIndex,
+    )
+
+    classes, ignore = 6, 255
+    metrics = build_task({"name": "segmentation"}).metrics(classes).clone(prefix="val/")
+    reference = {
+        "val/miou": MulticlassJaccardIndex(classes, average="macro", ignore_index=ignore),
+        "val/pixel_acc": MulticlassAccuracy(classes, average="micro", ignore_index=ignore),
+        "val/dice": MulticlassF1Score(classes, average="macro", ignore_index=ignore),
+    }
+    per_class = MulticlassJaccardIndex(classes, average="none", ignore_index=ignore)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):  # accumulated over batches, as over a split
+        logits = torch.randn(2, classes, 8, 8, generator=generator)
+        logits[:, 5] -= 100  # class 5 is never predicted ...
+        target = torch.randint(0, 4, (2, 8, 8), generator=generator)  # ... nor true; 4 only
+        target[:, 0] = ignore  # predicted
+        metrics.update(logits, target)
+        per_class.update(logits, target)
+        for metric in reference.values():
+            metric.update(logits, target)
+    values = metrics.compute()
+    assert set(values) == set(reference)
+    for name, metric in reference.items():
+        assert values[name].item() == pytest.approx(metric.compute().item(), abs=1e-6), name
+    scores = metrics["scores"]
+    assert torch.allclose(scores.per_class_iou().float(), per_class.compute(), atol=1e-6)
+
+
 def test_ignored_pixels_do_not_count_in_the_loss() -> None:
     criterion = build_task({"name": "segmentation", "loss": "ce+dice"}).criterion(None)
     logits = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))

@@ -135,12 +135,13 @@ class TransferModule(pl.LightningModule):
                 metric.update(outputs, target)
 
     def on_test_epoch_start(self) -> None:
+        self.test_metrics.reset()
         for metric in self.test_state.values():
             metric.reset()
 
     def on_test_epoch_end(self) -> None:
+        # Not reset here: the task's report may read what the test metrics accumulated.
         self.log_dict(self.test_metrics.compute())
-        self.test_metrics.reset()
 
     def configure_optimizers(self):
         groups = self.finetune.param_groups(self.network)
