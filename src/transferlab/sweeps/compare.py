@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 
 from transferlab.errors import UserError
 from transferlab.sweeps.callback import SWEEP_FILE
+from transferlab.tracking.redact import redact_uri
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def sweep_store_uri(stored: str) -> str:
+    """The store a sweep file names. The file holds the URI without its credentials: when
+    MLFLOW_TRACKING_URI is the same store, it is used with its own; otherwise MLflow takes
+    them from MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN, if set."""
+    from transferlab.tracking.store import check_server, is_server
+
+    environment = os.environ.get("MLFLOW_TRACKING_URI", "")
+    uri = environment if environment and redact_uri(environment) == stored else stored
+    if is_server(uri):
+        check_server(uri)
+    return uri
 
 
 def load(target: str, store_dir: str, monitor: str | None, mode: str | None, x: str | None):
@@ -23,7 +38,7 @@ def load(target: str, store_dir: str, monitor: str | None, mode: str | None, x: 
     sweep_file = Path(target) / SWEEP_FILE
     if sweep_file.is_file():
         info = json.loads(sweep_file.read_text())
-        client = mlflow.MlflowClient(info["tracking_uri"])
+        client = mlflow.MlflowClient(sweep_store_uri(info["tracking_uri"]))
         return cmp.load_sweep(client, info["parent_run_id"], x), Path(target)
     if Path(target).is_dir():
         raise UserError(
@@ -37,13 +52,13 @@ def load(target: str, store_dir: str, monitor: str | None, mode: str | None, x: 
         try:
             client.get_run(target)
         except MlflowException:
-            raise UserError(f"no run {target} in {uri}") from None
+            raise UserError(f"no run {target} in {redact_uri(uri)}") from None
         return cmp.load_sweep(client, target, x), Path("comparison") / target[:8]
     experiment = client.get_experiment_by_name(target)
     if experiment is None:
         names = ", ".join(e.name for e in client.search_experiments())
         raise UserError(
-            f"{target!r} is not a sweep folder, a run id or an experiment in {uri} "
+            f"{target!r} is not a sweep folder, a run id or an experiment in {redact_uri(uri)} "
             f"(experiments: {names or 'none'})"
         )
     return cmp.load_experiment(client, experiment, monitor, mode, x), Path("comparison") / target

@@ -6,6 +6,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -49,5 +50,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def command_line() -> str:
-    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+def command_line(overrides: Sequence[str] | None = None) -> str:
+    """The command to paste to run this again: ``transferlab train`` and the arguments given
+    (``overrides`` instead, when given), shell-quoted and redacted. The same for
+    ``python -m transferlab.train``, whose arguments ``transferlab train`` takes as they are."""
+    from transferlab.tracking.redact import redact_text
+
+    arguments = sys.argv[1:] if overrides is None else overrides
+    return shlex.join(["transferlab", "train", *map(redact_text, arguments)])

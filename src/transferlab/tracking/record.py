@@ -15,9 +15,12 @@ if TYPE_CHECKING:
 
 
 def task_overrides() -> list[str]:
+    """The job's overrides as typed (``${oc.env:...}`` left unresolved)."""
     from hydra.core.hydra_config import HydraConfig
 
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    if not HydraConfig.initialized():
+        return []
+    return [str(o) for o in OmegaConf.to_container(HydraConfig.get().overrides.task)]
 
 
 def sweep_job_num() -> int | None:
@@ -44,32 +47,52 @@ def finetune_label(cfg: DictConfig) -> str:
 def run_name(cfg: DictConfig, overrides: list[str]) -> str:
     if cfg.tracking.get("run_name"):
         return str(cfg.tracking.run_name)
+    from transferlab.tracking.redact import redact_text
+
     shown = [o for o in overrides if not o.startswith(("model=", "hydra."))]
-    return " ".join([f"{cfg.model.name}-{finetune_label(cfg)}", *shown])[:250]
+    return redact_text(" ".join([f"{cfg.model.name}-{finetune_label(cfg)}", *shown]))[:250]
 
 
 def record_config(run: TrackedRun, cfg: DictConfig) -> None:
-    """Config as params; provenance and sweep membership as tags; the config files as artifacts."""
+    """Config as params; provenance and sweep membership as tags; the config files as artifacts.
+
+    Secrets stay out (``tracking.redact``): ``TrackedRun`` redacts params and tags, and the
+    config files Hydra wrote into the output folder are redacted in place before upload.
+    """
     from transferlab.tracking import provenance
     from transferlab.tracking.params import flatten
+    from transferlab.tracking.redact import redact_files, redact_logging
 
+    redact_logging()
     run.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
     overrides = task_overrides()
+    job_num = sweep_job_num()
     tags = {
         **provenance.git_state(Path(__file__).parents[1]),
-        "command": provenance.command_line(),
+        # In a sweep, the command that runs this job alone.
+        "command": provenance.command_line(overrides if job_num is not None else None),
         "overrides": " ".join(overrides) or "(none)",
         "output_dir": cfg.paths.output_dir,
         "finetune": finetune_label(cfg),
         **{f"version.{k}": v for k, v in provenance.package_versions().items()},
     }
-    job_num = sweep_job_num()
     if job_num is not None:
         tags["sweep.job_num"] = job_num
     run.set_tags(tags)
     hydra_dir = Path(cfg.paths.output_dir) / ".hydra"
     if hydra_dir.is_dir():
+        redact_files(hydra_dir, *hydra_sweep_files())
         run.log_artifact(hydra_dir, "config")
+
+
+def hydra_sweep_files() -> list[Path]:
+    """The sweep's own config file (``multirun.yaml``), in a sweep job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if sweep_job_num() is None:
+        return []
+    sweep_file = Path(HydraConfig.get().sweep.dir) / "multirun.yaml"
+    return [sweep_file] if sweep_file.is_file() else []
 
 
 def record_setup(run: TrackedRun, datamodule: Any, network: Any) -> None:

@@ -1,11 +1,20 @@
-"""Where runs are stored: a local sqlite store under ``mlruns/`` unless a URI is given."""
+"""Where runs are stored: a local sqlite store under ``mlruns/`` unless a URI is given.
+
+A store is checked before MLflow touches it: MLflow retries an unwritable sqlite file or an
+unreachable server for minutes, then fails with a long traceback.
+"""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from transferlab.errors import UserError
+from transferlab.tracking.redact import redact_text, redact_uri
+
+# How long to wait for a tracking server to answer before giving up.
+SERVER_TIMEOUT_S = 5.0
 
 
 def default_store_uri(store_dir: str | os.PathLike) -> str:
@@ -14,11 +23,14 @@ def default_store_uri(store_dir: str | os.PathLike) -> str:
 
 
 def resolve_tracking_uri(uri: str | None, store_dir: str | os.PathLike) -> str:
-    """``uri`` (e.g. from MLFLOW_TRACKING_URI) when given, else the local sqlite store."""
-    if uri:
-        return uri
-    Path(store_dir).expanduser().mkdir(parents=True, exist_ok=True)
-    return default_store_uri(store_dir)
+    """``uri`` (e.g. from MLFLOW_TRACKING_URI) when given, else the local sqlite store;
+    checked to be usable (:func:`check_store`)."""
+    uri = uri or default_store_uri(store_dir)
+    check_store(uri)
+    if redact_uri(uri) != uri:
+        # MLflow prints a run's link with the URI as given, credentials and all.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    return uri
 
 
 def existing_store_uri(store_dir: str | os.PathLike) -> str:
@@ -26,6 +38,8 @@ def existing_store_uri(store_dir: str | os.PathLike) -> str:
     must exist already (a one-line error says how to make one)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        if is_server(uri):
+            check_server(uri)
         return uri
     if not (Path(store_dir).expanduser() / "mlflow.db").exists():
         raise UserError(
@@ -35,12 +49,84 @@ def existing_store_uri(store_dir: str | os.PathLike) -> str:
     return default_store_uri(store_dir)
 
 
-def artifact_root(store_dir: str | os.PathLike) -> Path:
-    return Path(store_dir).expanduser().resolve() / "artifacts"
+def sqlite_path(uri: str) -> Path | None:
+    """The absolute database file of a ``sqlite:`` URI; None for other stores and in-memory."""
+    if not uri.startswith("sqlite://"):
+        return None
+    path = redact_uri(uri).removeprefix("sqlite://").removeprefix("/")  # the query goes too
+    if path in ("", ":memory:"):
+        return None
+    return Path(path).resolve()
 
 
-def ensure_experiment(name: str, tracking_uri: str, store_dir: str | os.PathLike) -> str:
-    """The id of experiment ``name``, created (with artifacts under the store) if missing."""
+def artifact_root(tracking_uri: str) -> Path | None:
+    """Where a sqlite store keeps artifacts: ``artifacts/`` next to its database file, so
+    they stay with the runs wherever the command is run from (None: the server decides)."""
+    database = sqlite_path(tracking_uri)
+    return database.parent / "artifacts" if database is not None else None
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def check_store(uri: str) -> None:
+    """A one-line error, at once, for a store MLflow could not use."""
+    database = sqlite_path(uri)
+    if database is not None:
+        check_sqlite(database, uri)
+    elif is_server(uri):
+        check_server(uri)
+
+
+def check_sqlite(database: Path, uri: str) -> None:
+    """The database's folder exists (created if missing) and takes new files (sqlite writes
+    its journal next to the database), and the database, if there, can be written."""
+    fix = "set MLFLOW_TRACKING_URI (or tracking.uri) to a sqlite file in a folder you can write"
+    folder = database.parent
+    try:
+        step = f"cannot create the folder {folder}"
+        folder.mkdir(parents=True, exist_ok=True)
+        step = f"cannot create files in {folder}"
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        step = f"cannot write {database}"
+        if database.exists():
+            with database.open("r+b"):
+                pass
+    except OSError as err:
+        raise UserError(
+            f"MLflow store {redact_uri(uri)}: {step} ({err.strerror or err}); {fix}"
+        ) from None
+
+
+def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
+    """The tracking server answers (any HTTP answer, or a TLS handshake, counts)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    shown = redact_uri(uri).rstrip("/")
+    try:
+        urllib.request.urlopen(f"{shown}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, ssl.SSLError):
+            return  # it answered; MLflow has its own TLS settings
+        reason = getattr(reason, "strerror", None) or reason
+        raise UserError(
+            f"cannot reach the MLflow tracking server {shown} ({reason}): start it, or set "
+            "MLFLOW_TRACKING_URI (or tracking.uri) to a server that runs"
+        ) from None
+
+
+def ensure_experiment(
+    name: str, tracking_uri: str, store_dir: str | os.PathLike | None = None
+) -> str:
+    """The id of experiment ``name``, created if missing (a sqlite store's with its artifacts
+    under :func:`artifact_root`). ``store_dir`` is not used: the URI says where the store is."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -52,9 +138,8 @@ def ensure_experiment(name: str, tracking_uri: str, store_dir: str | os.PathLike
             if experiment.lifecycle_stage == "deleted":
                 client.restore_experiment(experiment.experiment_id)
             return experiment.experiment_id
-        location = None
-        if tracking_uri.startswith("sqlite:"):
-            location = (artifact_root(store_dir) / name).as_uri()
+        root = artifact_root(tracking_uri)
+        location = (root / name).as_uri() if root is not None else None
         try:
             return client.create_experiment(name, artifact_location=location)
         except MlflowException:
@@ -65,5 +150,6 @@ def ensure_experiment(name: str, tracking_uri: str, store_dir: str | os.PathLike
             return experiment.experiment_id
     except MlflowException as err:
         raise UserError(
-            f"cannot use the MLflow store {tracking_uri}: {str(err).splitlines()[0]}"
+            f"cannot use the MLflow store {redact_uri(tracking_uri)}: "
+            f"{redact_text(str(err).splitlines()[0])}"
         ) from None
