@@ -7,6 +7,9 @@ nothing here asks which task runs.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,18 +42,40 @@ def task_options(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def instantiate(node: DictConfig, allowed: list[str], where: str) -> Any:
-    """Build ``node`` from its ``_target_``, which must match one of ``allowed_targets``."""
+    """Build ``node`` from its ``_target_``; every ``_target_`` in it, nested ones too, must
+    match one of ``allowed_targets``. A refusal names the target and its config path."""
     from hydra.errors import InstantiationException
 
+    from transferlab.checks import refused_target, refused_target_error
+
+    refused = refused_target(OmegaConf.to_container(node, resolve=True), allowed, where)
+    if refused is not None:
+        raise refused_target_error(*refused, allowed)
     try:
-        return hydra.utils.instantiate(node, _execution_whitelist_=list(allowed))
+        built = hydra.utils.instantiate(node, _execution_whitelist_=list(allowed))
+    except TypeError as err:
+        if not _BAD_ARGUMENT.search(str(err)):
+            raise
+        raise UserError(f"{where}: {str(err).splitlines()[0]}; fix or remove that key") from None
     except InstantiationException as err:
         if "whitelist" not in str(err):
             raise
-        raise UserError(
-            f"{where}: _target_ {node.get('_target_')!r} is not in allowed_targets; "
-            f"to trust it, add its package: 'allowed_targets=[{','.join(allowed)},your_pkg.*]'"
-        ) from None
+        # Allowed by the list, refused by Hydra itself (a target that runs programs or code).
+        key = _FULL_KEY.search(str(err))
+        path = where if key is None else key.group(1)
+        path = path if path.startswith(where) else f"{where}.{path}"
+        raise UserError(f"{path}: {' '.join(str(err).split('full_key:')[0].split())}") from None
+    if isinstance(built, functools.partial):  # called later: check its arguments now
+        try:
+            inspect.signature(built.func).bind_partial(*built.args, **built.keywords)
+        except TypeError as err:
+            target = node.get("_target_")
+            raise UserError(f"{where}: {target} {err}; fix or remove that key") from None
+    return built
+
+
+_BAD_ARGUMENT = re.compile(r"unexpected keyword argument|missing \d+ required|got multiple values")
+_FULL_KEY = re.compile(r"full_key: (\S+)")
 
 
 def build_callbacks(cfg: DictConfig | None, allowed: list[str]) -> list[pl.Callback]:
@@ -122,7 +147,7 @@ class RunParts:
 
 def build_parts(cfg: DictConfig, runtime: Runtime | None = None) -> RunParts:
     """Data, network, strategy, module and callbacks for ``cfg``, as the CLI builds them."""
-    from transferlab.callbacks import TrainingWatch
+    from transferlab.callbacks import EpochSeed, TrainingWatch
     from transferlab.finetune import build_strategy
     from transferlab.module import TransferModule
     from transferlab.tasks import build_task
@@ -146,6 +171,7 @@ def build_parts(cfg: DictConfig, runtime: Runtime | None = None) -> RunParts:
     )
     watch = TrainingWatch()
     callbacks = [*build_callbacks(cfg.get("callbacks"), allowed), strategy, watch]
+    callbacks.append(EpochSeed(cfg.seed))
     fit_data, options = with_feature_cache(datamodule, strategy, task, cfg.trainer.max_epochs)
     return RunParts(
         task, datamodule, network, strategy, module, callbacks, watch, fit_data, options

@@ -1,4 +1,5 @@
-"""The Lightning callback every run uses: an image counter and a divergence guard."""
+"""The Lightning callbacks every run uses: an image counter and a divergence guard, and
+per-epoch random state."""
 
 from __future__ import annotations
 
@@ -61,3 +62,20 @@ class TrainingWatch(pl.Callback):
                 "trainer.gradient_clip_val=1.0"
             )
         self._bad = None
+
+
+class EpochSeed(pl.Callback):
+    """Seeds Python's, NumPy's and torch's generators from (seed, epoch) at each epoch start.
+
+    An epoch's random draws (dropout, augmentation, the data loader's worker seeds) then
+    depend on the seed and the epoch number only, not on what ran before: a run resumed
+    from a checkpoint continues exactly as the uninterrupted run would have.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl.seed_everything(
+            (self.seed * 1_000_003 + trainer.current_epoch) % 2**32, workers=True, verbose=False
+        )

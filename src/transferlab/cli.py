@@ -18,7 +18,8 @@ usage: transferlab <command> [arguments]
 commands:
   train   fine-tune, validate, test and log one run; -m for a sweep
           (Hydra overrides: transferlab train model=resnet18 optimizer.lr=3e-4 seed=1;
-           transferlab train --help lists every config group and option)
+           transferlab train --help lists every config group and option;
+           transferlab train resume=<run id | run folder> continues a stopped run)
   compare print and save the comparison table and chart of a sweep or experiment
           (transferlab compare multirun/train/<date>/<time> | <parent run id> | <experiment>)
   ui      open the MLflow dashboard for the local run store (mlruns/ here)
@@ -34,12 +35,14 @@ Start with: transferlab train   (1-3 minutes on 2 CPU cores), then: transferlab 
 def train(argv: list[str]) -> int:
     from transferlab import train as train_module
 
-    sys.argv = ["transferlab-train", *argv]
-    train_module.main()
+    train_module.launch(argv)
     return 0
 
 
 def ui(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from transferlab.tracking.redact import redact_uri
     from transferlab.tracking.store import artifact_root, existing_store_uri
 
     parser = argparse.ArgumentParser(
@@ -50,16 +53,18 @@ def ui(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     uri = existing_store_uri(args.store_dir)
     if uri.startswith(("http://", "https://")):
-        print(f"MLFLOW_TRACKING_URI points to a server already: open {uri}")
+        print(f"MLFLOW_TRACKING_URI points to a server already: open {redact_uri(uri)}")
         return 0
+    artifacts = artifact_root(uri) or Path(args.store_dir).expanduser().resolve() / "artifacts"
     command = [
         sys.executable, "-m", "mlflow", "ui",
         "--backend-store-uri", uri,
-        "--default-artifact-root", artifact_root(args.store_dir).as_uri(),
+        "--default-artifact-root", artifacts.as_uri(),
         "--host", "127.0.0.1",
         "--port", str(args.port),
     ]  # fmt: skip
-    print(f"MLflow dashboard for {uri} at http://127.0.0.1:{args.port} (Ctrl+C stops it)")
+    shown = redact_uri(uri)
+    print(f"MLflow dashboard for {shown} at http://127.0.0.1:{args.port} (Ctrl+C stops it)")
     os.execv(sys.executable, command)
     return 0
 

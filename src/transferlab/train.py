@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from transferlab import CONF_DIR
 from transferlab.errors import UserError
@@ -23,6 +23,7 @@ from transferlab.tracking.record import sweep_job_num
 
 if TYPE_CHECKING:
     from transferlab.machine import Setting
+    from transferlab.resume import ResumePoint
     from transferlab.runtime import Runtime
     from transferlab.tracking import TrackedRun
 
@@ -36,16 +37,10 @@ QUIET_WARNINGS = (
 
 
 def validate(cfg: DictConfig) -> None:
-    """Catch config mistakes before any heavy work starts."""
-    if cfg.mode not in ("min", "max"):
-        raise UserError(f"mode={cfg.mode!r} must be 'min' or 'max'")
-    if not str(cfg.monitor).startswith("val/"):
-        raise UserError(f"monitor={cfg.monitor!r} must be a validation metric such as val/acc")
-    if not isinstance(cfg.seed, int):
-        raise UserError(f"seed={cfg.seed!r} must be an integer")
-    for name, entry in (cfg.get("callbacks") or {}).items():
-        if not isinstance(entry, Mapping) or "_target_" not in entry:
-            raise UserError(f"callbacks.{name} needs a _target_ (a callback class path)")
+    """Catch config mistakes before any heavy work starts: before torch loads."""
+    from transferlab.checks import check_config
+
+    check_config(cfg)
 
 
 def sweep_launcher() -> Mapping[str, Any] | None:
@@ -55,22 +50,57 @@ def sweep_launcher() -> Mapping[str, Any] | None:
     return HydraConfig.get().launcher if sweep_job_num() is not None else None
 
 
-def tracked_run(cfg: DictConfig):
-    """The MLflow run of this job (a child of the sweep's parent run, in a sweep), or None."""
+def tracked_run(cfg: DictConfig, resume: ResumePoint | None = None):
+    """The MLflow run of this job (a child of the sweep's parent run, in a sweep), or None.
+
+    Runs of this experiment whose process died unseen (SIGKILL) are marked KILLED first.
+    """
     import contextlib
+
+    import mlflow
 
     from transferlab.sweeps import PARENT_RUN_ENV
     from transferlab.tracking import ensure_experiment, start_run
+    from transferlab.tracking.liveness import mark_dead_runs
     from transferlab.tracking.record import run_name, task_overrides
     from transferlab.tracking.store import resolve_tracking_uri
 
     tracking = cfg.tracking
     if not tracking.enabled:
+        if cfg.get("resume"):
+            raise UserError("resume= continues an MLflow run: it needs tracking.enabled=true")
         return contextlib.nullcontext(None)
     uri = resolve_tracking_uri(tracking.uri, tracking.store_dir)
     experiment_id = ensure_experiment(tracking.experiment_name, uri, tracking.store_dir)
+    mark_dead_runs(mlflow.MlflowClient(uri), experiment_id)
     parent = os.environ.get(PARENT_RUN_ENV) if sweep_job_num() is not None else None
-    return start_run(uri, experiment_id, run_name(cfg, task_overrides()), parent_run_id=parent)
+    return start_run(
+        uri,
+        experiment_id,
+        run_name(cfg, task_overrides()),
+        parent_run_id=parent,
+        run_id=resume.run_id if resume is not None else None,
+    )
+
+
+def resume_of(cfg: DictConfig) -> ResumePoint | None:
+    """Where run ``cfg.resume`` continues from (None for a new run)."""
+    from transferlab.resume import requeued_run, resume_point
+
+    if not cfg.get("resume") and cfg.tracking.enabled:
+        requeued = requeued_run(cfg.paths.output_dir)
+        if requeued is not None:
+            print(f"SLURM restarted this job: continuing run {requeued}", flush=True)
+            with open_dict(cfg):
+                cfg.resume = requeued
+    if not cfg.get("resume"):
+        return None
+    import mlflow
+
+    from transferlab.tracking.store import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.tracking.uri, cfg.tracking.store_dir)
+    return resume_point(cfg, mlflow.MlflowClient(uri))
 
 
 def run(cfg: DictConfig) -> float:
@@ -99,23 +129,39 @@ def run(cfg: DictConfig) -> float:
     runtime, runtime_speed = Runtime.from_config(cfg.trainer).resolve(device_type)
     speed.update(runtime_speed)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    with tracked_run(cfg) as run:
+    resume = resume_of(cfg)
+    with tracked_run(cfg, resume) as run:
         if run is not None:
-            record_config(run, cfg)
-        return fit_and_test(cfg, run, runtime, speed)
+            from transferlab.resume import write_run_file
+
+            write_run_file(cfg.paths.output_dir, run.run_id, run.experiment_id)
+            if resume is None:
+                record_config(run, cfg)
+            else:
+                count = int(run.client.get_run(run.run_id).data.tags.get("resume.count", 0))
+                run.set_tags({"resume.count": count + 1, "resume.checkpoint": resume.checkpoint})
+                print(f"Resuming run {run.run_id} from {resume.checkpoint}", flush=True)
+        return fit_and_test(cfg, run, runtime, speed, resume)
 
 
 def fit_and_test(
-    cfg: DictConfig, run: TrackedRun | None, runtime: Runtime, speed: dict[str, Setting]
+    cfg: DictConfig,
+    run: TrackedRun | None,
+    runtime: Runtime,
+    speed: dict[str, Setting],
+    resume: ResumePoint | None = None,
 ) -> float:
     import torch
 
     from transferlab.build import build_parts, build_trainer
+    from transferlab.signals import trainer_calls
     from transferlab.tracking.record import record_results, record_setup, report_speed
 
     parts = build_parts(cfg, runtime)
+    if resume is not None:
+        parts.datamodule.start_epoch = resume.epoch
     report_speed({**speed, **parts.datamodule.loader_settings()}, run)
-    logger = run.logger() if run is not None else False
+    logger = run.logger(resumed=resume is not None) if run is not None else False
     trainer = build_trainer(
         cfg.trainer, parts.callbacks, logger, cfg.paths.output_dir, **parts.trainer_options
     )
@@ -125,7 +171,12 @@ def fit_and_test(
             {"task": parts.task.name, "task.compare_metrics": ",".join(parts.task.compare_metrics)}
         )
     started = time.perf_counter()
-    trainer.fit(parts.module, datamodule=parts.fit_data)
+    with trainer_calls():
+        trainer.fit(
+            parts.module,
+            datamodule=parts.fit_data,
+            ckpt_path=str(resume.checkpoint) if resume is not None else None,
+        )
     fit_seconds = time.perf_counter() - started
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint is not None else None
@@ -135,9 +186,10 @@ def fit_and_test(
         value = trainer.callback_metrics.get(cfg.monitor)
         best = float(value) if isinstance(value, torch.Tensor) else float("nan")
     started = time.perf_counter()
-    results = trainer.test(
-        parts.module, datamodule=parts.datamodule, ckpt_path=best_path or None, verbose=False
-    )
+    with trainer_calls():
+        results = trainer.test(
+            parts.module, datamodule=parts.datamodule, ckpt_path=best_path or None, verbose=False
+        )
     timings = {"time/fit_s": fit_seconds, "time/test_s": time.perf_counter() - started}
     test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
     summary = {
@@ -153,15 +205,21 @@ def fit_and_test(
 
 
 def print_summary(results: Mapping[str, float], run: TrackedRun | None, cfg) -> None:
+    from transferlab.tracking.redact import redact_uri
+    from transferlab.tracking.store import is_server
+
     width = max(len(k) for k in results) if results else 0
     lines = ["", "Test metrics and timings:"]
     lines += [f"  {k:<{width}}  {v:.4f}" for k, v in results.items()]
     if run is not None:
+        store = redact_uri(run.tracking_uri)
+        page = f"#/experiments/{run.experiment_id}/runs/{run.run_id}"
         lines += [
             f"MLflow run: {run.run_id} (experiment {cfg.tracking.experiment_name!r}, "
-            f"store {run.tracking_uri})",
-            "Dashboard:  transferlab ui   then open "
-            f"http://127.0.0.1:5000/#/experiments/{run.experiment_id}/runs/{run.run_id}",
+            f"store {store})",
+            f"Dashboard:  {store.rstrip('/')}/{page}"
+            if is_server(store)
+            else f"Dashboard:  transferlab ui   then open http://127.0.0.1:5000/{page}",
         ]
     print("\n".join(lines), flush=True)
 
@@ -176,8 +234,13 @@ def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from transferlab.signals import Interrupted
+
     try:
         return run(cfg)
+    except Interrupted as stop:
+        print(f"transferlab: stopped by {stop.name}; {resume_hint(cfg)}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     except UserError as err:
         print(f"transferlab: error: {err}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -187,5 +250,40 @@ def main(cfg: DictConfig) -> float:
         sys.exit(1)
 
 
+def resume_hint(cfg: DictConfig) -> str:
+    """What to run to continue a stopped run."""
+    from pathlib import Path
+
+    from transferlab.resume import LAST_CHECKPOINT, RUN_FILE
+
+    folder = Path(cfg.paths.output_dir)
+    if not cfg.tracking.enabled or not (folder / RUN_FILE).is_file():
+        return "the run was not tracked, so it cannot be resumed"
+    if not (folder / LAST_CHECKPOINT).is_file():
+        return "no epoch had finished, so there is no checkpoint: start it again"
+    return (
+        f"the run is KILLED; continue it from {folder / LAST_CHECKPOINT} with: "
+        f"transferlab train resume={folder}"
+    )
+
+
+def launch(argv: list[str]) -> None:
+    """Run the Hydra app on ``argv`` (``resume=`` expanded first); signals stop it cleanly."""
+    from transferlab.resume import resume_argv
+    from transferlab.signals import Interrupted, stop_on_signals
+
+    with stop_on_signals():
+        try:
+            sys.argv = ["transferlab-train", *resume_argv(argv)]
+            main()
+        except Interrupted as stop:  # outside a job: while composing, or between jobs
+            print(f"transferlab: stopped by {stop.name}", file=sys.stderr)
+            sys.exit(stop.exit_code)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        launch(sys.argv[1:])
+    except UserError as err:
+        print(f"transferlab: error: {err}", file=sys.stderr)
+        sys.exit(1)

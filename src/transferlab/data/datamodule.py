@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from transferlab.data import splits
 from transferlab.data.datasets import ImageDataset
-from transferlab.data.samplers import EpochShuffleSampler
+from transferlab.data.samplers import epoch_loader
 from transferlab.data.sources import ImageSet, load_source
 from transferlab.data.transforms import (
     augment_name,
@@ -62,6 +62,7 @@ class SplitDataModule(pl.LightningDataModule):
             "eval_batch_size": eval_batch_size,
         }
         self.seed = int(seed)
+        self.start_epoch = 0  # the first training epoch (later when a run resumes)
         self.class_names: tuple[str, ...] = ()
         self.train_set: Any = None
         self.val_set: Any = None
@@ -75,10 +76,11 @@ class SplitDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        return DataLoader(
+        return epoch_loader(
             self.train_set,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(self.train_set), self.seed),
+            self.batch_size,
+            self.seed,
+            self.start_epoch,
             drop_last=False,
             **self._loader_options(),
         )

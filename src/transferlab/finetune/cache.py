@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from transferlab.data.samplers import EpochShuffleSampler
+from transferlab.data.samplers import epoch_loader
 from transferlab.finetune.strategies import FinetuneStrategy
 from transferlab.runtime import Runtime
 
@@ -110,8 +110,11 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         key = f"features/{split}"
         if key not in self._loaders:
             cached = self.features(split)
-            sampler = EpochShuffleSampler(len(cached), self.images.seed) if shuffle else None
-            self._loaders[key] = DataLoader(cached, batch_size=batch_size, sampler=sampler)
+            self._loaders[key] = (
+                epoch_loader(cached, batch_size, self.images.seed, self.images.start_epoch)
+                if shuffle
+                else DataLoader(cached, batch_size=batch_size)
+            )
         return self._loaders[key]
 
     def _images(self, split: str, make: Any) -> DataLoader:

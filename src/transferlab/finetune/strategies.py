@@ -196,7 +196,11 @@ class FinetuneStrategy(pl.Callback):
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "trainable_stages": self._trainable}
+        return {
+            "name": self.name,
+            "trainable_stages": self._trainable,
+            "head_solved": self._head_solved,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("name") not in (None, self.name):
@@ -204,6 +208,9 @@ class FinetuneStrategy(pl.Callback):
                 f"the checkpoint was trained with finetune={state_dict['name']}, "
                 f"not {self.name}: resume with the same strategy"
             )
+        # The phase was logged before the checkpoint: a resumed run does not log it again.
+        self._logged = state_dict.get("trainable_stages")
+        self._head_solved = bool(state_dict.get("head_solved", False))
 
 
 class Full(FinetuneStrategy):

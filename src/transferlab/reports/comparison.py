@@ -316,6 +316,8 @@ def trend_axes(ax: Any, comparison: Comparison, finished: Sequence[dict[str, Any
         ax.plot(at, [sum(points[v]) / len(points[v]) for v in at], marker="o", label=label)
     if xs and min(xs) > 0 and max(xs) >= 10 * min(xs):
         ax.set_xscale("log")
+        ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))])
+        ax.minorticks_off()
     ax.set_xlabel(x)
     ax.set_ylabel(f"{metric} (mean over seeds)")
     ax.grid(True, which="both", alpha=0.3)

@@ -10,6 +10,7 @@ table and chart to the parent, tags the best child and ends the parent.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -19,6 +20,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from transferlab.tracking.redact import redact_logging, redact_text, redact_uri, redact_values
 
 # The parent run id, for the jobs of the sweep (read by transferlab.train).
 PARENT_RUN_ENV = "TRANSFERLAB_SWEEP_RUN_ID"
@@ -35,7 +38,7 @@ def study_key(config: DictConfig) -> str | None:
     sweeper = config.hydra.sweeper
     if sweeper_kind(config) != "optuna" or not sweeper.get("storage"):
         return None
-    return f"{sweeper.storage}#{sweeper.study_name}"
+    return redact_text(f"{sweeper.storage}#{sweeper.study_name}")
 
 
 def sweep_name(config: DictConfig) -> str:
@@ -44,7 +47,7 @@ def sweep_name(config: DictConfig) -> str:
     for group in ("hparams_search", "experiment"):
         if choices.get(group):
             return f"sweep {group}={choices[group]}"
-    return ("sweep " + " ".join(config.hydra.overrides.task))[:250]
+    return redact_text("sweep " + " ".join(config.hydra.overrides.task))[:250]
 
 
 class MlflowSweepCallback(Callback):
@@ -57,6 +60,7 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from transferlab.tracking.store import ensure_experiment, resolve_tracking_uri
 
+        redact_logging()  # Hydra logs each job's overrides
         tracking = config.tracking
         if not tracking.enabled:
             return
@@ -67,18 +71,32 @@ class MlflowSweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         self.parent_run_id = open_parent(self.tracking_uri, experiment_id, config, sweep_dir)
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
+        # A sweep stopped by a signal never reaches on_multirun_end: end the parent KILLED.
+        atexit.register(self.kill_open_parent)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / SWEEP_FILE).write_text(
             json.dumps(
                 {
                     "parent_run_id": self.parent_run_id,
-                    "tracking_uri": self.tracking_uri,
+                    # No credentials: `transferlab compare` takes them from the environment.
+                    "tracking_uri": redact_uri(self.tracking_uri),
                     "experiment_id": experiment_id,
                 },
                 indent=2,
             )
         )
-        print(f"Sweep parent run: {self.parent_run_id} in {self.tracking_uri}", flush=True)
+        print(
+            f"Sweep parent run: {self.parent_run_id} in {redact_uri(self.tracking_uri)}",
+            flush=True,
+        )
+
+    def kill_open_parent(self) -> None:
+        if self.parent_run_id is None:
+            return
+        import mlflow
+
+        mlflow.MlflowClient(self.tracking_uri).set_terminated(self.parent_run_id, "KILLED")
+        self.parent_run_id = None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id is None:
@@ -88,11 +106,12 @@ class MlflowSweepCallback(Callback):
 
         client = mlflow.MlflowClient(self.tracking_uri)
         status, failed = "FAILED", 0
+        parent_run_id, self.parent_run_id = self.parent_run_id, None
         try:
             sweep_dir = Path(config.hydra.sweep.dir).resolve()
-            status, failed = close_parent(client, self.parent_run_id, sweep_dir)
+            status, failed = close_parent(client, parent_run_id, sweep_dir)
         finally:
-            client.set_terminated(self.parent_run_id, status)
+            client.set_terminated(parent_run_id, status)
         if failed and sweeper_kind(config) == "grid":
             # SystemExit passes through Hydra's callback guard: the exit status tells
             # scripts and CI that the grid is incomplete. (Optuna expects failed trials.)
@@ -105,6 +124,7 @@ def open_parent(tracking_uri: str, experiment_id: str, config: DictConfig, sweep
     import mlflow
 
     from transferlab.tracking import provenance
+    from transferlab.tracking.liveness import process_tags
 
     client = mlflow.MlflowClient(tracking_uri)
     tags = {
@@ -120,7 +140,9 @@ def open_parent(tracking_uri: str, experiment_id: str, config: DictConfig, sweep
         "sweep.monitor": str(config.monitor),
         "sweep.mode": str(config.mode),
         "command": provenance.command_line(),
+        **process_tags(),
     }
+    tags = redact_values(tags)  # overrides and storage may hold credentials
     key = study_key(config)
     if key is not None:
         tags["sweep.study"] = key

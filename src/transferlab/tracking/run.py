@@ -10,6 +10,7 @@ from typing import Any
 from pytorch_lightning.loggers import MLFlowLogger
 
 from transferlab.tracking.params import check_lengths
+from transferlab.tracking.redact import redact_values
 
 
 class RunLogger(MLFlowLogger):
@@ -19,6 +20,23 @@ class RunLogger(MLFlowLogger):
     would cut every value at 250 characters), and the run is ended by ``start_run``, so
     that a crash after ``fit`` still marks it FAILED.
     """
+
+    def __init__(self, *args: Any, logged_through: Mapping[str, int] | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        # A resumed run: the last step of each metric already in its history. The steps
+        # replayed from the checkpoint that were logged before the stop are not logged
+        # twice, so the history has no duplicates (and, replayed, no gaps).
+        self.logged_through = dict(logged_through or {})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self.logged_through and step is not None:
+            metrics = {
+                key: value
+                for key, value in metrics.items()
+                if step > self.logged_through.get(key, -1)
+            }
+        if metrics:
+            super().log_metrics(metrics, step)
 
     def log_hyperparams(self, params: Any) -> None:
         pass
@@ -38,12 +56,22 @@ class TrackedRun:
         self.tracking_uri = tracking_uri
         self.client = mlflow.MlflowClient(tracking_uri)
 
-    def logger(self) -> RunLogger:
-        return RunLogger(tracking_uri=self.tracking_uri, run_id=self.run_id)
+    def logger(self, resumed: bool = False) -> RunLogger:
+        """Lightning's logger into this run; ``resumed``: skip the steps logged already."""
+        logged_through = None
+        if resumed:
+            logged_through = {
+                key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
+                for key in self.client.get_run(self.run_id).data.metrics
+            }
+        return RunLogger(
+            tracking_uri=self.tracking_uri, run_id=self.run_id, logged_through=logged_through
+        )
 
     def log_params(self, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
 
+        params = redact_values(params)  # no secret is ever recorded
         check_lengths(params)
         items = [Param(key, value) for key, value in params.items()]
         for start in range(0, len(items), 100):
@@ -54,8 +82,8 @@ class TrackedRun:
             self.client.log_metric(self.run_id, key, float(value), step=step)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+        for key, value in redact_values(tags).items():
+            self.client.set_tag(self.run_id, key, value)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -78,21 +106,34 @@ def start_run(
     run_name: str,
     tags: Mapping[str, str] | None = None,
     parent_run_id: str | None = None,
+    run_id: str | None = None,
 ) -> Iterator[TrackedRun]:
-    """Start a run; end it FINISHED, FAILED (with the error as a tag) or KILLED."""
+    """Start a run (or reopen ``run_id`` to resume it); end it FINISHED, FAILED (with the
+    error as a tag) or KILLED (a signal). The run records its host and process, so that a
+    run whose process is killed outright can be found and ended later (``liveness``)."""
     import mlflow
 
+    from transferlab.signals import Interrupted
+    from transferlab.tracking.liveness import process_tags
+
     mlflow.set_tracking_uri(tracking_uri)
-    active = mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=run_name,
-        tags=dict(tags or {}),
-        parent_run_id=parent_run_id,
-    )
+    if run_id is not None:
+        active = mlflow.start_run(run_id=run_id)
+        mlflow.set_tags({**dict(tags or {}), **process_tags()})
+    else:
+        active = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=run_name,
+            tags={**dict(tags or {}), **process_tags()},
+            parent_run_id=parent_run_id,
+        )
     run = TrackedRun(active.info.run_id, experiment_id, tracking_uri)
     try:
         yield run
-    except (KeyboardInterrupt, SystemExit):  # Ctrl+C; SIGTERM (Lightning raises SystemExit)
+    except (KeyboardInterrupt, SystemExit, Interrupted) as err:  # Ctrl+C, SIGTERM
+        if isinstance(err, Interrupted):
+            with contextlib.suppress(Exception):
+                run.set_tags({"error": f"stopped by {err}"})
         mlflow.end_run("KILLED")
         raise
     except BaseException as err:
