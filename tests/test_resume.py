@@ -189,3 +189,20 @@ def test_resume_of_an_unknown_target_is_one_line(tmp_path: Path) -> None:
         assert refused.returncode == 1
         (line,) = error_lines(refused.stderr)
         assert message in line
+
+
+def test_sigterm_in_a_sweep_ends_the_job_and_its_parent_killed(tmp_path: Path) -> None:
+    stopped = train(
+        tmp_path, "-m", *RUN, "trainer.max_epochs=2", "seed=0,1",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        *fault("SIGTERM", epoch=1, batch=0, marker=tmp_path / "term.marker"),
+    )  # fmt: skip
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    client = client_for(tmp_path)
+    (experiment,) = client.search_experiments(filter_string="name = 'smoke'")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep.parent") == "true"]
+    children = [r for r in runs if r not in parents]
+    # The sweep stops at the signal: the second job never starts.
+    assert [r.info.status for r in parents] == ["KILLED"]
+    assert [r.info.status for r in children] == ["KILLED"]

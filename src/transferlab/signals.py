@@ -15,14 +15,17 @@ from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _in_trainer = False
+_stopped: Interrupted | None = None
 
 
 class Interrupted(BaseException):
     """The run was stopped by a signal. Not an ``Exception``: nothing may swallow it."""
 
     def __init__(self, signum: int) -> None:
+        global _stopped
         super().__init__(signal.Signals(signum).name)
         self.signum = int(signum)
+        _stopped = self
 
     @property
     def name(self) -> str:
@@ -32,6 +35,11 @@ class Interrupted(BaseException):
     def exit_code(self) -> int:
         """128 + the signal number, as a shell reports a process the signal ended."""
         return 128 + self.signum
+
+
+def stopped() -> Interrupted | None:
+    """The signal that stopped this process's work, if one did (e.g. for a sweep's end)."""
+    return _stopped
 
 
 def _handler(signum: int, frame: Any) -> None:

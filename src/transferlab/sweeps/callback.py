@@ -112,9 +112,12 @@ class MlflowSweepCallback(Callback):
             status, failed = close_parent(client, parent_run_id, sweep_dir)
         finally:
             client.set_terminated(parent_run_id, status)
-        if failed and sweeper_kind(config) == "grid":
+        from transferlab.signals import stopped
+
+        if failed and sweeper_kind(config) == "grid" and stopped() is None:
             # SystemExit passes through Hydra's callback guard: the exit status tells
-            # scripts and CI that the grid is incomplete. (Optuna expects failed trials.)
+            # scripts and CI that the grid is incomplete. (Optuna expects failed trials;
+            # a sweep stopped by a signal exits with the signal's status instead.)
             print(f"transferlab: error: {failed} job(s) of the sweep failed", file=sys.stderr)
             raise SystemExit(1)
 
