@@ -269,12 +269,13 @@ def resume_hint(cfg: DictConfig) -> str:
 
 def launch(argv: list[str]) -> None:
     """Run the Hydra app on ``argv`` (``resume=`` expanded first); signals stop it cleanly."""
+    from transferlab.checks import hydra_errors_in_one_line, quote_non_ascii
     from transferlab.resume import resume_argv
     from transferlab.signals import Interrupted, stop_on_signals
 
-    with stop_on_signals():
+    with stop_on_signals(), hydra_errors_in_one_line():
         try:
-            sys.argv = ["transferlab-train", *resume_argv(argv)]
+            sys.argv = ["transferlab-train", *quote_non_ascii(resume_argv(argv))]
             main()
         except Interrupted as stop:  # outside a job: while composing, or between jobs
             print(f"transferlab: stopped by {stop.name}", file=sys.stderr)

@@ -281,7 +281,7 @@ VAL_DIR_NAMES = ("val", "valid", "validation")
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    dirs = _subfolders(folder)
     if not dirs:
         raise UserError(
             f"{folder} has no class sub-folders: put the images in {folder}/<class>/*.jpg"
@@ -290,17 +290,17 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 
 def _image_files(class_dir: Path) -> list[Path]:
-    files = sorted(
-        p
-        for p in class_dir.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-    )
+    files = sorted(p for p in class_dir.rglob("*") if _is_image_file(p))
     if not files:
-        raise UserError(
-            f"class folder {class_dir} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): "
-            "add images or remove the folder"
-        )
+        raise _no_images(class_dir)
     return files
+
+
+def _no_images(class_dir: Path) -> UserError:
+    return UserError(
+        f"class folder {class_dir} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): "
+        "add images or remove the folder"
+    )
 
 
 def _scan(folder: Path, class_names: Sequence[str], root: Path) -> FileImages:
@@ -338,9 +338,13 @@ def check_image_headers(paths: Sequence[Path]) -> None:
             ) from exc
 
 
-@register_source("image_folder")
-def image_folder(root: Path | None = None, download: bool = True) -> RawSplits:
-    """``root/<class>/*.jpg``, or ``root/{train,val,test}/<class>/*.jpg`` when ``root/train`` exists."""
+def image_folder_layout(root: Path | None) -> tuple[Path, list[str]]:
+    """The folder of training classes (``root`` or ``root/train``) and the class names.
+
+    Reads folder names only (no image is opened), so it runs before torch loads; a layout
+    that cannot be trained on (no folder, no or one class, classes one level deeper, a
+    class without images) is a UserError saying what to change.
+    """
     if root is None:
         raise UserError(
             "data.source=image_folder needs data.root=DIR: a folder of class sub-folders"
@@ -349,12 +353,52 @@ def image_folder(root: Path | None = None, download: bool = True) -> RawSplits:
         raise UserError(
             f"data.root={root} does not exist; point data.root at a folder of class sub-folders"
         )
-    train_dir = root / "train"
-    if not train_dir.is_dir():
-        names = [d.name for d in _class_dirs(root)]
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    class_dirs = _class_dirs(train_dir)
+    if len(class_dirs) == 1:
+        (only,) = class_dirs
+        nested = [d for d in _subfolders(only) if _first_image(d) is not None]
+        if len(nested) >= 2 and train_dir == root:
+            raise UserError(
+                f"{root} has one folder ({only.name}), but the classes seem to be in {only}: "
+                f"set data.root={only}"
+            )
+        if len(nested) >= 2:
+            raise UserError(
+                f"{train_dir} has one folder ({only.name}), but the classes seem to be in "
+                f"{only}: move its class folders up into {train_dir}"
+            )
+        raise UserError(
+            f"{train_dir} has one class folder ({only.name}): classification needs two or "
+            f"more, one sub-folder of images per class"
+        )
+    for class_dir in class_dirs:
+        if _first_image(class_dir) is None:
+            raise _no_images(class_dir)
+    return train_dir, [d.name for d in class_dirs]
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _is_image_file(path: Path) -> bool:
+    return (
+        path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+    )
+
+
+def _first_image(folder: Path) -> Path | None:
+    return next((p for p in folder.rglob("*") if _is_image_file(p)), None)
+
+
+@register_source("image_folder")
+def image_folder(root: Path | None = None, download: bool = True) -> RawSplits:
+    """``root/<class>/*.jpg``, or ``root/{train,val,test}/<class>/*.jpg`` when ``root/train`` exists."""
+    train_dir, names = image_folder_layout(root)
+    if train_dir == root:
         splits = {"train": _scan(root, names, root)}
     else:
-        names = [d.name for d in _class_dirs(train_dir)]
         split_dirs = {"train": train_dir}
         val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
         if val_dir is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def read_state_dict_file(path: str | Path) -> StateDict:
         if path.suffix == ".safetensors":
             loaded: object = safetensors.torch.load_file(path, device="cpu")
         else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a refused file is reported below, in one line
+                warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any failure to deserialise is the file's, e.g. IndexError on garbage
         raise UserError(
             f"could not read weights file {path} ({_reason(err)}); expected a .safetensors file or "
