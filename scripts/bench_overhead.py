@@ -213,12 +213,23 @@ def run_plain(cfg, args: argparse.Namespace, fast: bool) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
 
     correct = []
+    classes = data.num_classes
+    confusion = torch.zeros(classes * classes, dtype=torch.long, device=device)
 
     @torch.inference_mode()
     def eval_step(x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_eval):
             logits = model(x.contiguous(memory_format=layout))
-        correct.append((logits.argmax(1) == y).sum())
+        if args.task != "segmentation":
+            correct.append((logits.argmax(1) == y).sum())
+            return
+        # What a segmentation evaluation reports (transferlab's too): the loss, and mIoU,
+        # Dice and pixel accuracy from a confusion matrix over the labelled pixels.
+        correct.append(criterion(logits.float(), y))
+        labelled = y != cfg.task.ignore_index
+        confusion.add_(
+            torch.bincount(y[labelled] * classes + logits.argmax(1)[labelled], minlength=classes**2)
+        )
 
     loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True)
     train_rate = timed_batches(loader, args.steps, train_step, device)
