@@ -70,9 +70,11 @@ def run_folder(target: str) -> tuple[Path, str]:
     try:
         run = mlflow.MlflowClient(uri).get_run(target)
     except MlflowException:
+        from transferlab.tracking.redact import redact_uri
+
         raise UserError(
-            f"resume={target}: no such run in {uri}; run from the folder you trained in, "
-            "or pass the run's folder instead"
+            f"resume={target}: no such run in {redact_uri(uri)}; run from the folder you "
+            "trained in, or pass the run's folder instead"
         ) from None
     output_dir = run.data.tags.get("output_dir")
     if not output_dir or not Path(output_dir).is_dir():
