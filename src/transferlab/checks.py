@@ -59,7 +59,7 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
 
 
 def check_run_keys(cfg: Mapping[str, Any]) -> None:
-    """mode, monitor, seed, num_threads and the callbacks' shape."""
+    """mode, monitor, seed, num_threads, calibrate and the callbacks' shape."""
     if cfg.get("mode") not in ("min", "max"):
         raise UserError(f"mode={cfg.get('mode')!r} must be 'min' or 'max'")
     if not str(cfg.get("monitor")).startswith("val/"):
@@ -72,6 +72,8 @@ def check_run_keys(cfg: Mapping[str, Any]) -> None:
     threads = cfg.get("num_threads")
     if threads is not None and not (_is_int(threads) and threads >= 1):
         raise UserError(f"num_threads={threads!r} must be 1 or more (null: automatic)")
+    if not isinstance(cfg.get("calibrate", False), bool):
+        raise UserError(f"calibrate={cfg.get('calibrate')!r} must be true or false")
     for name, entry in (cfg.get("callbacks") or {}).items():
         if not isinstance(entry, Mapping) or "_target_" not in entry:
             raise UserError(f"callbacks.{name} needs a _target_ (a callback class path)")

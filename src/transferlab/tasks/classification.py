@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
@@ -50,7 +51,9 @@ class Classification(Task):
         return classification_metrics(num_classes)
 
     def test_state(self, num_classes: int) -> dict[str, Metric]:
-        return {"confusion": MulticlassConfusionMatrix(num_classes)}
+        from transferlab.reports.calibration import SplitLogits
+
+        return {"confusion": MulticlassConfusionMatrix(num_classes), "logits": SplitLogits()}
 
     def report(self, run, cfg: Any, module: Any, datamodule: Any) -> None:
         """Confusion matrix (PNG) and per-class precision, recall and F1 (CSV)."""
@@ -67,3 +70,51 @@ class Classification(Task):
         header = ",".join(rows[0])
         lines = [",".join(str(v) for v in row.values()) for row in rows]
         run.log_text("\n".join([header, *lines]) + "\n", "test/per_class_metrics.csv")
+        report_calibration(run, cfg, module, datamodule)
+
+
+def validation_logits(module: Any, datamodule: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's logits and the labels over the whole validation split."""
+    logits, labels = [], []
+    module.eval()
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            logits.append(module.infer({"image": batch["image"].to(module.device)}).cpu())
+            labels.append(batch["label"])
+    return torch.cat(logits), torch.cat(labels)
+
+
+def report_calibration(run, cfg: Any, module: Any, datamodule: Any) -> None:
+    """``test/ece`` and the reliability diagram; with ``calibrate=true``, after temperature
+    scaling fitted on the validation split, with the values before it alongside."""
+    import matplotlib.pyplot as plt
+
+    from transferlab.reports import calibration
+
+    logits, target = (t.cpu() for t in module.test_state["logits"].compute())
+    logits = logits.double()
+    probs = logits.softmax(1)
+    ece = calibration.expected_calibration_error(probs, target)
+    diagrams = {"uncalibrated": (calibration.reliability_bins(probs, target), ece)}
+    metrics = {"test/ece": ece}
+    if cfg.get("calibrate", False):
+        temperature = calibration.fit_temperature(*validation_logits(module, datamodule))
+        scaled = (logits / temperature).softmax(1)
+        scaled_ece = calibration.expected_calibration_error(scaled, target)
+        diagrams["temperature-scaled"] = (calibration.reliability_bins(scaled, target), scaled_ece)
+        metrics = {
+            "test/ece": scaled_ece,
+            "test/ece_uncalibrated": ece,
+            "calibration/temperature": temperature,
+        }
+    run.log_metrics(metrics)
+    run.log_text(
+        calibration.reliability_csv({name: rows for name, (rows, _) in diagrams.items()}),
+        "test/reliability.csv",
+    )
+    title = f"{cfg.model.name}: test set"
+    if "calibration/temperature" in metrics:
+        title += f", temperature T={metrics['calibration/temperature']:.3f} fitted on val"
+    figure = calibration.reliability_figure(diagrams, title=title)
+    run.log_figure(figure, "test/reliability.png")
+    plt.close(figure)
