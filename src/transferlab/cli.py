@@ -23,6 +23,9 @@ commands:
   compare print and save the comparison table and chart of a sweep or experiment
           (transferlab compare multirun/train/<date>/<time> | <parent run id> | <experiment>)
   ui      open the MLflow dashboard for the local run store (mlruns/ here)
+  reproduce
+          train again from what a finished run recorded and say whether the results match
+          (transferlab reproduce <run id | run folder>)
 
 options:
   -h, --help     show this help
@@ -75,7 +78,13 @@ def compare(argv: list[str]) -> int:
     return compare_main(argv)
 
 
-COMMANDS = {"train": train, "compare": compare, "ui": ui}
+def reproduce(argv: list[str]) -> int:
+    from transferlab.reproduce import main as reproduce_main
+
+    return reproduce_main(argv)
+
+
+COMMANDS = {"train": train, "compare": compare, "ui": ui, "reproduce": reproduce}
 
 
 def main(argv: list[str] | None = None) -> int:

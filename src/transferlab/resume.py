@@ -82,6 +82,16 @@ def run_folder(target: str) -> tuple[Path, str]:
     return Path(output_dir), target
 
 
+def recorded_overrides(folder: Path, drop: Sequence[str] = ()) -> list[str]:
+    """The overrides a run was started with (``.hydra/overrides.yaml``), but the keys in ``drop``."""
+    from omegaconf import OmegaConf
+
+    saved = folder / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        raise UserError(f"{saved} is missing: it holds the run's config")
+    return [str(o) for o in OmegaConf.load(saved) if override_key(str(o)) not in drop]
+
+
 def resume_argv(argv: Sequence[str]) -> list[str]:
     """``argv`` with ``resume=X`` replaced by the run's own overrides and folder."""
     targets = [arg for arg in argv if arg.startswith("resume=")]
@@ -89,17 +99,8 @@ def resume_argv(argv: Sequence[str]) -> list[str]:
         return list(argv)
     if any(arg in ("-m", "--multirun") for arg in argv):
         raise UserError("resume= continues one run: leave out -m")
-    from omegaconf import OmegaConf
-
     folder, run_id = run_folder(targets[-1].split("=", 1)[1])
-    saved = folder / ".hydra" / "overrides.yaml"
-    if not saved.is_file():
-        raise UserError(f"resume: {saved} is missing; it holds the run's config")
-    original = [
-        str(o)
-        for o in OmegaConf.load(saved)
-        if override_key(str(o)) not in ("hydra.run.dir", "resume")
-    ]
+    original = recorded_overrides(folder, drop=("hydra.run.dir", "resume"))
     changes = [arg for arg in argv if not arg.startswith("resume=")]
     for arg in changes:
         if arg.startswith("-") or override_key(arg) not in SAFE_CHANGES:
@@ -109,7 +110,7 @@ def resume_argv(argv: Sequence[str]) -> list[str]:
             )
     changed = {override_key(arg) for arg in changes}
     kept = [o for o in original if override_key(o) not in changed]
-    return [*kept, *changes, f"hydra.run.dir={folder}", f"resume={run_id}"]
+    return [*kept, *changes, f"hydra.run.dir={folder}", f"resume='{run_id}'"]
 
 
 def requeued_run(output_dir: str | os.PathLike) -> str | None:

@@ -78,6 +78,8 @@ def record_config(run: TrackedRun, cfg: DictConfig) -> None:
     }
     if job_num is not None:
         tags["sweep.job_num"] = job_num
+    if cfg.get("reproduces"):
+        tags["reproduces"] = cfg.reproduces
     run.set_tags(tags)
     hydra_dir = Path(cfg.paths.output_dir) / ".hydra"
     if hydra_dir.is_dir():
@@ -121,7 +123,10 @@ def record_results(
     datamodule: Any,
     best_path: str | None,
 ) -> None:
-    """The task's test report and the best checkpoint as artifacts."""
+    """The learning curves, the task's test report and the best checkpoint as artifacts."""
+    from transferlab.reports.curves import log_learning_curves
+
+    log_learning_curves(run, cfg.monitor, cfg.mode, title=f"{cfg.model.name}-{finetune_label(cfg)}")
     task.report(run, cfg, module, datamodule)
     if best_path and cfg.tracking.get("log_checkpoint", True):
         run.log_artifact(best_path, "checkpoints")
