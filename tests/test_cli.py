@@ -117,6 +117,7 @@ def test_train_records_a_finished_mlflow_run(tmp_path: Path) -> None:
     assert {"config.yaml", "overrides.yaml"} <= config_files
     test_files = {Path(a.path).name for a in client.list_artifacts(run_id, "test")}
     assert {"confusion_matrix.png", "per_class_metrics.csv"} <= test_files
+    assert {"confused_pairs.png", "confused_pairs.csv"} <= test_files
     checkpoints = client.list_artifacts(run_id, "checkpoints")
     assert len(checkpoints) == 1 and checkpoints[0].path.endswith(".ckpt")
     local = Path(client.download_artifacts(run_id, "test/per_class_metrics.csv", str(tmp_path)))
@@ -300,3 +301,14 @@ def test_an_installed_wheel_runs_from_an_empty_folder(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert str(site) in result.stderr.splitlines()[0]  # not the source checkout
     assert "MLflow run:" in result.stdout and (empty / "mlruns" / "mlflow.db").is_file()
+
+
+def test_top_confusions_are_the_largest_off_diagonal_counts() -> None:
+    import numpy as np
+
+    from transferlab.reports.confusion import top_confusions
+
+    confusion = np.array([[50, 3, 9], [1, 40, 0], [9, 2, 30]])
+    # Ties broken by (true, predicted); the diagonal (correct) never counts.
+    assert top_confusions(confusion, k=3) == [(0, 2, 9), (2, 0, 9), (0, 1, 3)]
+    assert top_confusions(np.eye(3) * 5) == []

@@ -63,3 +63,52 @@ def confusion_figure(confusion: np.ndarray, class_names: Sequence[str], title: s
                 )
     fig.tight_layout()
     return fig
+
+
+def top_confusions(confusion: np.ndarray, k: int = 5) -> list[tuple[int, int, int]]:
+    """The ``k`` most frequent mistakes as (true, predicted, count), largest first."""
+    confusion = np.asarray(confusion)
+    mistakes = [
+        (int(t), int(p), int(confusion[t, p]))
+        for t, p in zip(*np.nonzero(confusion), strict=True)
+        if t != p
+    ]
+    return sorted(mistakes, key=lambda m: (-m[2], m[0], m[1]))[:k]
+
+
+def confused_pairs_figure(
+    pairs: Sequence[tuple[str, str, int, Sequence[np.ndarray]]], title: str = ""
+):
+    """One row per confused pair (true, predicted, count, example images as HxWx3 in 0-1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = max([len(images) for *_, images in pairs] + [1])
+    fig, axes = plt.subplots(
+        len(pairs), columns, figsize=(1.8 * columns + 2.2, 1.9 * len(pairs) + 0.6),
+        dpi=100, squeeze=False,
+    )  # fmt: skip
+    for row, (true, predicted, count, images) in zip(axes, pairs, strict=True):
+        for i, ax in enumerate(row):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i < len(images):
+                ax.imshow(images[i])
+            else:
+                ax.axis("off")
+        row[0].set_ylabel(f"{true}\n→ {predicted}\n({count})", rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def for_display(image: np.ndarray) -> np.ndarray:
+    """A normalised CxHxW image as HxWx3 in 0-1 (each image stretched to its own range)."""
+    image = np.asarray(image, dtype=np.float64)
+    image = image.transpose(1, 2, 0) if image.ndim == 3 else image[..., None]
+    low, high = image.min(), image.max()
+    image = (image - low) / (high - low) if high > low else np.zeros_like(image)
+    return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image

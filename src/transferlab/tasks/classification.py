@@ -70,7 +70,44 @@ class Classification(Task):
         header = ",".join(rows[0])
         lines = [",".join(str(v) for v in row.values()) for row in rows]
         run.log_text("\n".join([header, *lines]) + "\n", "test/per_class_metrics.csv")
+        report_confused_pairs(run, cfg, module, datamodule, confusion)
         report_calibration(run, cfg, module, datamodule)
+
+
+EXAMPLES_PER_PAIR = 4
+
+
+def report_confused_pairs(run, cfg: Any, module: Any, datamodule: Any, confusion: Any) -> None:
+    """The most frequent mistakes (CSV) and test images of each (PNG): the test logits are
+    in test-set order, so image ``i`` of the test set is the one logit row ``i`` scored."""
+    import matplotlib.pyplot as plt
+
+    from transferlab.reports.confusion import confused_pairs_figure, for_display, top_confusions
+
+    mistakes = top_confusions(confusion)
+    names = list(datamodule.class_names)
+    lines = ["true,predicted,count,share_of_true_class"]
+    lines += [
+        f"{names[t]},{names[p]},{n},{n / max(1, confusion[t].sum()):.4f}" for t, p, n in mistakes
+    ]
+    run.log_text("\n".join(lines) + "\n", "test/confused_pairs.csv")
+    if not mistakes:
+        return
+    logits, target = (t.cpu() for t in module.test_state["logits"].compute())
+    predicted = logits.argmax(1)
+    pairs = []
+    for true, guess, count in mistakes:
+        where = torch.nonzero((target == true) & (predicted == guess)).flatten()
+        images = [
+            for_display(datamodule.test_set[int(i)]["image"].numpy())
+            for i in where[:EXAMPLES_PER_PAIR]
+        ]
+        pairs.append((names[true], names[guess], count, images))
+    figure = confused_pairs_figure(
+        pairs, title=f"{cfg.model.name}: most confused (true → predicted)"
+    )
+    run.log_figure(figure, "test/confused_pairs.png")
+    plt.close(figure)
 
 
 def validation_logits(module: Any, datamodule: Any) -> tuple[torch.Tensor, torch.Tensor]:
