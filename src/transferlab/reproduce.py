@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--store-dir", default="mlruns", help="local store folder (mlruns)")
     args = parser.parse_args(argv)
 
-    folder, run_id = run_folder(args.target)
+    folder, run_id = run_folder(args.target, args.store_dir, f"reproduce {args.target}")
     client = mlflow.MlflowClient(existing_store_uri(args.store_dir))
     original = client.get_run(run_id)
     if original.info.status != "FINISHED":

@@ -48,38 +48,48 @@ def write_run_file(output_dir: str | os.PathLike, run_id: str, experiment_id: st
     )
 
 
-def run_folder(target: str) -> tuple[Path, str]:
-    """The output folder and MLflow run id ``target`` (a run folder or a run id) names."""
+def run_folder(
+    target: str, store_dir: str | os.PathLike = "mlruns", label: str | None = None
+) -> tuple[Path, str]:
+    """The output folder and MLflow run id ``target`` (a run folder or a run id) names.
+
+    ``label`` starts the error messages (default ``resume=<target>``).
+    """
+    label = label or f"resume={target}"
     folder = Path(target).expanduser()
     if folder.is_dir():
         info = folder / RUN_FILE
         if not info.is_file():
             raise UserError(
-                f"resume={target}: {folder} has no {RUN_FILE}; resume needs the folder of "
-                "a tracked run (outputs/train/<date>/<time>)"
+                f"{label}: {folder} has no {RUN_FILE}; pass the folder of a tracked run "
+                "(outputs/train/<date>/<time>)"
             )
         return folder.resolve(), json.loads(info.read_text())["run_id"]
     if not RUN_ID.match(target):
-        raise UserError(f"resume={target}: not a run folder, nor a 32-character MLflow run id")
+        raise UserError(f"{label}: not a run folder, nor a 32-character MLflow run id")
+    return run_id_folder(target, store_dir, label), target
+
+
+def run_id_folder(run_id: str, store_dir: str | os.PathLike, label: str) -> Path:
+    """The output folder of MLflow run ``run_id`` (its ``output_dir`` tag), which must exist."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from transferlab.tracking.redact import redact_uri
     from transferlab.tracking.store import existing_store_uri
 
-    uri = existing_store_uri("mlruns")
+    uri = existing_store_uri(store_dir)
     try:
-        run = mlflow.MlflowClient(uri).get_run(target)
+        run = mlflow.MlflowClient(uri).get_run(run_id)
     except MlflowException:
-        from transferlab.tracking.redact import redact_uri
-
         raise UserError(
-            f"resume={target}: no such run in {redact_uri(uri)}; run from the folder you "
-            "trained in, or pass the run's folder instead"
+            f"{label}: no such run in {redact_uri(uri)}; run from the folder you trained "
+            "in, or pass the run's folder instead"
         ) from None
     output_dir = run.data.tags.get("output_dir")
     if not output_dir or not Path(output_dir).is_dir():
-        raise UserError(f"resume={target}: its output folder {output_dir} is gone")
-    return Path(output_dir), target
+        raise UserError(f"{label}: its output folder {output_dir} is gone")
+    return Path(output_dir)
 
 
 def recorded_overrides(folder: Path, drop: Sequence[str] = ()) -> list[str]:
