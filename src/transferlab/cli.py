@@ -1,4 +1,5 @@
-"""The ``transferlab`` command: ``train`` (Hydra), ``compare`` (sweeps) and ``ui`` (MLflow).
+"""The ``transferlab`` command: ``train`` (Hydra), ``compare`` (sweeps), ``ui`` (MLflow),
+``reproduce``, and ``predict`` and ``export`` for a trained run.
 
 Kept light: nothing heavy is imported until a subcommand needs it, so ``--help`` is instant.
 """
@@ -26,6 +27,12 @@ commands:
   reproduce
           train again from what a finished run recorded and say whether the results match
           (transferlab reproduce <run id | run folder>)
+  predict classify images with a trained run's best checkpoint into a CSV
+          (transferlab predict run=<run id | run folder | checkpoint> images=<file | folder>
+           [out=predictions.csv] [top_k=5] [batch_size=64] [store_dir=mlruns])
+  export  write a trained run's network as ONNX, checked against PyTorch with onnxruntime
+          (transferlab export run=<run id | run folder | checkpoint> format=onnx
+           [out=model.onnx] [store_dir=mlruns])
 
 options:
   -h, --help     show this help
@@ -84,7 +91,48 @@ def reproduce(argv: list[str]) -> int:
     return reproduce_main(argv)
 
 
-COMMANDS = {"train": train, "compare": compare, "ui": ui, "reproduce": reproduce}
+def predict(argv: list[str]) -> int:
+    from transferlab.predict import main as predict_main
+
+    return predict_main(argv)
+
+
+def export(argv: list[str]) -> int:
+    from transferlab.export import main as export_main
+
+    return export_main(argv)
+
+
+def key_value_args(
+    argv: list[str], defaults: dict[str, str | None], usage: str
+) -> dict[str, str] | None:
+    """``key=value`` arguments over ``defaults`` (None: required); None after printing
+    ``usage`` for ``-h``/``--help``. Unknown keys and missing required ones are one line."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(usage, end="")
+        return None
+    values = dict(defaults)
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in defaults:
+            raise UserError(
+                f"unknown argument {arg!r}: pass {', '.join(f'{k}=...' for k in defaults)}"
+            )
+        values[key] = value
+    missing = [key for key, value in values.items() if value is None]
+    if missing:
+        raise UserError(f"missing {', '.join(f'{k}=...' for k in missing)}; see --help")
+    return values  # type: ignore[return-value]
+
+
+COMMANDS = {
+    "train": train,
+    "compare": compare,
+    "ui": ui,
+    "reproduce": reproduce,
+    "predict": predict,
+    "export": export,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,226 @@
+"""A trained run, ready to use: its network with the best weights, preprocessing and classes.
+
+``load_trained(target)`` takes an MLflow run id, a run folder (``outputs/train/<date>/<time>``)
+or a checkpoint inside one. The network is rebuilt from the run's own saved config
+(``.hydra/config.yaml``) through the run's task, as training built it but without the
+pretrained weights, and the checkpoint is loaded into it. ``transferlab predict`` and
+``transferlab export`` use it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transferlab.errors import UserError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+    from torch import nn
+
+    from transferlab.tasks import Task
+
+SAVED_CONFIG = Path(".hydra") / "config.yaml"
+CHECKPOINTS = "checkpoints"
+BEST_CHECKPOINT = "best-*.ckpt"
+NETWORK_PREFIX = "network."  # the Lightning module's attribute holding the network
+
+
+@dataclass
+class TrainedModel:
+    """A run's network (eval mode, CPU, fp32) and what it needs to be used."""
+
+    network: nn.Module
+    task: Task
+    cfg: DictConfig
+    class_names: tuple[str, ...]
+    checkpoint: Path
+    folder: Path
+    run_id: str | None
+    # Classification: the eval transform of the run's data (PIL image -> tensor) and the
+    # PIL mode images are converted to first. None for other tasks.
+    transform: Callable[[Any], Any] | None
+    image_mode: str
+    input_size: tuple[int, int, int]
+
+    def require_task(self, name: str, command: str) -> None:
+        if self.task.name != name:
+            raise UserError(
+                f"{command} supports task={name} runs for now; {self.folder} is a "
+                f"task={self.task.name} run"
+            )
+
+
+def load_trained(target: str | Path, store_dir: str | Path = "mlruns") -> TrainedModel:
+    """The run ``target`` names (run id, run folder or checkpoint), with its best weights."""
+    folder, checkpoint, run_id = locate(str(target), store_dir)
+    cfg = saved_config(folder)
+    state = read_checkpoint(checkpoint)
+    recorded = run_checkpoint(folder, checkpoint)
+    class_names = recorded_class_names(
+        state if recorded == checkpoint else read_checkpoint(recorded), recorded
+    )
+    network, task = build_network(cfg, len(class_names))
+    load_weights(network, state["state_dict"], checkpoint, cfg, len(class_names))
+    transform, mode, input_size = eval_preprocessing(cfg, task)
+    return TrainedModel(
+        network, task, cfg, class_names, checkpoint, folder, run_id, transform, mode, input_size
+    )
+
+
+def locate(target: str, store_dir: str | Path) -> tuple[Path, Path, str | None]:
+    """(run folder, checkpoint, MLflow run id if known) for a run id, folder or checkpoint."""
+    from transferlab.resume import RUN_ID
+
+    path = Path(target).expanduser()
+    if path.is_file():
+        folder = next((p for p in path.resolve().parents if (p / SAVED_CONFIG).is_file()), None)
+        if folder is None:
+            raise UserError(
+                f"run={target}: no {SAVED_CONFIG} above it; pass a checkpoint inside a run "
+                "folder (outputs/train/<date>/<time>/checkpoints/)"
+            )
+        return folder, path.resolve(), recorded_run_id(folder)
+    if path.is_dir():
+        folder = path.resolve()
+        if not (folder / SAVED_CONFIG).is_file():
+            raise UserError(
+                f"run={target}: {folder} has no {SAVED_CONFIG}; pass a run folder "
+                "(outputs/train/<date>/<time>)"
+            )
+        return folder, best_checkpoint(folder), recorded_run_id(folder)
+    if not RUN_ID.match(target):
+        raise UserError(f"run={target}: no such file or folder, nor a 32-character MLflow run id")
+    folder = run_id_folder(target, store_dir)
+    return folder, best_checkpoint(folder), target
+
+
+def run_id_folder(run_id: str, store_dir: str | Path) -> Path:
+    from transferlab.resume import run_id_folder as output_folder
+
+    folder = output_folder(run_id, store_dir, f"run={run_id}")
+    if not (folder / SAVED_CONFIG).is_file():
+        raise UserError(f"run={run_id}: its output folder {folder} has no {SAVED_CONFIG}")
+    return folder
+
+
+def recorded_run_id(folder: Path) -> str | None:
+    from transferlab.resume import RUN_FILE
+
+    info = folder / RUN_FILE
+    return json.loads(info.read_text()).get("run_id") if info.is_file() else None
+
+
+def best_checkpoint(folder: Path) -> Path:
+    """The run's best checkpoint (the newest, should a resumed run have left two)."""
+    found = sorted((folder / CHECKPOINTS).glob(BEST_CHECKPOINT), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(
+            f"{folder} has no {CHECKPOINTS}/{BEST_CHECKPOINT}: the run saved no best "
+            "checkpoint (callbacks=none, or it stopped before its first epoch ended)"
+        )
+    return found[-1]
+
+
+def run_checkpoint(folder: Path, checkpoint: Path) -> Path:
+    """The checkpoint that says which classes the run learned: its best one, else ``checkpoint``."""
+    try:
+        return best_checkpoint(folder)
+    except UserError:
+        return checkpoint
+
+
+def saved_config(folder: Path) -> DictConfig:
+    """The run's composed config, its Hydra-runtime ``paths`` set to the run folder."""
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = OmegaConf.load(folder / SAVED_CONFIG)
+    with open_dict(cfg):
+        cfg.paths = {"root": str(folder), "output_dir": str(folder)}
+        cfg.model.pretrained = False  # the checkpoint brings every weight
+    return cfg
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated, foreign or unsafe file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read the checkpoint {path}: {reason}") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise UserError(f"{path} is not a transferlab training checkpoint (no state_dict)")
+    return state
+
+
+def recorded_class_names(state: dict[str, Any], path: Path) -> tuple[str, ...]:
+    """The class names the training module saved in its hyperparameters."""
+    hparams = state.get("hyper_parameters") or {}
+    names = hparams.get("class_names")
+    if not names:
+        count = int(hparams.get("num_classes", 0))
+        if count < 1:
+            raise UserError(f"{path} records no classes (hyper_parameters.class_names)")
+        names = [str(i) for i in range(count)]
+    return tuple(str(name) for name in names)
+
+
+def build_network(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, Task]:
+    """The run's network for ``num_classes``, built by its task, without pretrained weights."""
+    from transferlab.build import task_options
+    from transferlab.tasks import build_task
+
+    task = build_task(task_options(cfg))
+    return task.build_network(cfg.model, num_classes), task
+
+
+def load_weights(
+    network: nn.Module, state_dict: dict[str, Any], checkpoint: Path, cfg: Any, classes: int
+) -> None:
+    """Load the Lightning module's ``network.*`` weights; a misfit is one line naming it."""
+    weights = {
+        k.removeprefix(NETWORK_PREFIX): v
+        for k, v in state_dict.items()
+        if k.startswith(NETWORK_PREFIX)
+    }
+    expected = network.state_dict()
+    fits = f"this run's network (model={cfg.model.name}, {classes} classes)"
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise UserError(
+            f"{checkpoint} does not fit {fits}: {len(missing)} weight(s) missing, "
+            f"{len(unexpected)} unexpected (e.g. {example}); a checkpoint of another model?"
+        )
+    for key, value in weights.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            shape = "x".join(map(str, value.shape))
+            wanted = "x".join(map(str, expected[key].shape))
+            raise UserError(
+                f"{checkpoint} does not fit {fits}: {key} is {shape}, expected {wanted}; a "
+                "checkpoint of another class count or model?"
+            )
+    network.load_state_dict(weights)
+    network.float().eval()
+
+
+def eval_preprocessing(
+    cfg: DictConfig, task: Task
+) -> tuple[Callable[[Any], Any] | None, str, tuple[int, int, int]]:
+    """The run's eval transform, PIL image mode and input size (C, H, W), as its data module
+    builds them (classification; other tasks get no transform)."""
+    from omegaconf import OmegaConf
+
+    from transferlab.data.transforms import create_eval_transform, image_mode, resolve_data_config
+    from transferlab.models import model_data_config
+
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    config = resolve_data_config(model_data_config(cfg.model), data.get("image_size"))
+    size = tuple(int(v) for v in config["input_size"])
+    transform = create_eval_transform(config) if task.name == "classification" else None
+    return transform, image_mode(config), size  # type: ignore[return-value]
