@@ -4,41 +4,12 @@ from __future__ import annotations
 
 import csv
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
+from clitools import error_line, transferlab
 from PIL import Image
-
-BIN = Path(sys.executable).parent
-SMOKE = ["experiment=smoke", "trainer.max_epochs=1", "trainer.limit_train_batches=4"]
-
-
-def transferlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    command = [str(BIN / "transferlab"), *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
-def error_line(result: subprocess.CompletedProcess) -> str:
-    """The one line a user error prints, checked to be the whole of stderr."""
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
-    assert lines[0].startswith("transferlab: error: ")
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    """(working folder, run folder, MLflow run id) of one cheap real training run."""
-    cwd = tmp_path_factory.mktemp("inference")
-    folder = cwd / "outputs" / "run"
-    result = transferlab("train", *SMOKE, f"hydra.run.dir={folder}", cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
-    return cwd, folder, run_id
 
 
 def digit_images(folder: Path, count: int) -> list[Path]:
@@ -57,8 +28,8 @@ def digit_images(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def test_predict_folder_skips_corrupt_file(trained, tmp_path: Path) -> None:
-    cwd, _, run_id = trained
+def test_predict_folder_skips_corrupt_file(trained_run, tmp_path: Path) -> None:
+    cwd, _, run_id = trained_run
     good = digit_images(tmp_path / "images", 5)
     out = tmp_path / "predictions.csv"
     result = transferlab(
@@ -79,8 +50,8 @@ def test_predict_folder_skips_corrupt_file(trained, tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".predictions.csv.*"))  # no temporary file left
 
 
-def test_predict_empty_folder_is_one_line(trained, tmp_path: Path) -> None:
-    cwd, folder, _ = trained
+def test_predict_empty_folder_is_one_line(trained_run, tmp_path: Path) -> None:
+    cwd, folder, _ = trained_run
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     out = tmp_path / "predictions.csv"
@@ -91,8 +62,8 @@ def test_predict_empty_folder_is_one_line(trained, tmp_path: Path) -> None:
     assert not out.exists()
 
 
-def test_checkpoint_of_another_class_count_is_one_line(trained, tmp_path: Path) -> None:
-    _, folder, _ = trained
+def test_checkpoint_of_another_class_count_is_one_line(trained_run, tmp_path: Path) -> None:
+    _, folder, _ = trained_run
     best = next((folder / "checkpoints").glob("best-*.ckpt"))
     state = torch.load(best, map_location="cpu", weights_only=True)
     head = sorted(k for k in state["state_dict"] if k.startswith("network.head."))
@@ -111,12 +82,12 @@ def test_checkpoint_of_another_class_count_is_one_line(trained, tmp_path: Path) 
     assert "does not fit" in line and "10 classes" in line and "is 3x" in line
 
 
-def test_export_onnx_matches_pytorch(trained, tmp_path: Path) -> None:
+def test_export_onnx_matches_pytorch(trained_run, tmp_path: Path) -> None:
     import onnxruntime
 
     from transferlab.inference import load_trained
 
-    cwd, folder, _ = trained
+    cwd, folder, _ = trained_run
     out = tmp_path / "model.onnx"
     result = transferlab("export", f"run={folder}", "format=onnx", f"out={out}", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -136,8 +107,8 @@ def test_export_onnx_matches_pytorch(trained, tmp_path: Path) -> None:
     assert np.abs(got - expected).max() <= 1e-4
 
 
-def test_export_unknown_format_is_one_line(trained) -> None:
-    cwd, folder, _ = trained
+def test_export_unknown_format_is_one_line(trained_run) -> None:
+    cwd, folder, _ = trained_run
     result = transferlab("export", f"run={folder}", "format=tflite", cwd=cwd)
     assert "format=tflite is not supported" in error_line(result)
     assert not (cwd / "model.tflite").exists()

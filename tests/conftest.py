@@ -1,0 +1,22 @@
+"""Fixtures shared across test modules."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from clitools import SMOKE, transferlab
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """(working folder, run folder, MLflow run id) of one cheap real training run, shared by
+    the tests of commands that use a trained run (predict, export, eval, explain, ...).
+    Tests must not change what is in it; copy it first."""
+    cwd = tmp_path_factory.mktemp("trained")
+    folder = cwd / "outputs" / "run"
+    result = transferlab("train", *SMOKE, f"hydra.run.dir={folder}", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
+    return cwd, folder, run_id
