@@ -87,6 +87,14 @@ def test_grid_sweep_has_one_parent_with_a_comparison_and_a_child_per_job(tmp_pat
     client = mlflow.MlflowClient(store(tmp_path))
     names = {a.path for a in client.list_artifacts(parent.run_id)}
     assert {"comparison.csv", "comparison.md", "comparison.png"} <= names
+
+    # Every child logged its model; the best one's is registered, with the alias champion.
+    assert (children["metrics.time/log_model_s"] > 0).all()
+    champion = client.get_model_version_by_alias("smoke", "champion")
+    assert champion.run_id == parent["tags.sweep.best_run_id"] == best.run_id
+    assert champion.tags["sweep.parent_run_id"] == parent.run_id
+    assert mlflow.models.get_model_info("models:/smoke@champion").run_id == best.run_id
+    assert f"as 'smoke' version {champion.version}, alias 'champion'" in result.stdout
     table = read_csv(Path(client.download_artifacts(parent.run_id, "comparison.csv")))
     assert sorted(row["run_id"] for row in table) == sorted(children.run_id)
     for row in table:
@@ -189,6 +197,11 @@ def test_optuna_search_is_stored_resumed_and_survives_a_failed_trial(tmp_path: P
 
     again, children = parent_and_children(tmp_path, "fmnist_optuna")
     assert again.run_id == parent.run_id and again.status == "FINISHED"
+    # The best trial is still the first session's: its registered version stays the champion.
+    client = mlflow.MlflowClient(store(tmp_path))
+    (version,) = client.search_model_versions("name = 'fmnist_optuna'")
+    assert version.run_id == again["tags.sweep.best_run_id"]
+    assert client.get_model_version_by_alias("fmnist_optuna", "champion").version == version.version
     assert sorted(children.status) == ["FAILED", "FINISHED", "FINISHED"]
     assert again["metrics.sweep/jobs"] == 3 and again["metrics.sweep/failed"] == 1
     # Trials sample the searched keys: they differ between the two finished trials.

@@ -5,7 +5,8 @@ it creates the store, the experiment and the parent run (so parallel jobs never 
 create them) and hands the parent's id to the jobs in an environment variable, which the
 joblib and submitit launchers pass on to their worker processes. ``on_multirun_end`` runs
 after the last job, failed jobs included: it ranks the child runs, logs the comparison
-table and chart to the parent, tags the best child and ends the parent.
+table and chart to the parent, tags the best child, registers the best child's model with
+the alias ``champion`` and ends the parent.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class MlflowSweepCallback(Callback):
         try:
             sweep_dir = Path(config.hydra.sweep.dir).resolve()
             status, failed = close_parent(client, parent_run_id, sweep_dir)
+            crown_champion(client, parent_run_id, config.tracking.get("registered_model"))
         finally:
             client.set_terminated(parent_run_id, status)
         from transferlab.signals import stopped
@@ -200,3 +202,37 @@ def close_parent(client: Any, parent_run_id: str, sweep_dir: Path) -> tuple[str,
     )
     interrupted = any(row["status"] in ("KILLED", "RUNNING") for row in result.rows)
     return ("KILLED" if interrupted else "FINISHED"), result.failed
+
+
+def crown_champion(client: Any, parent_run_id: str, name: str | None) -> None:
+    """Register the best child's model as ``name`` with the alias ``champion`` (nothing for
+    a null name or a sweep without a best child). A failure is one warning line: the
+    sweep's results are recorded already."""
+    from transferlab.tracking.model import CHAMPION, register_champion
+
+    best = client.get_run(parent_run_id).data.tags.get("sweep.best_run_id")
+    if not name or best is None:
+        return
+    try:
+        version = register_champion(client, best, name, tags={"sweep.parent_run_id": parent_run_id})
+    except Exception as err:  # a bug or an odd store must not fail a finished sweep
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(
+            f"transferlab: warning: the best model was not registered as {name!r} "
+            f"({type(err).__name__}: {redact_text(reason)})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    if version is None:
+        print(
+            f"The best run {best} has no MLflow model (tracking.log_model=false?): "
+            f"nothing registered as {name!r}",
+            flush=True,
+        )
+        return
+    print(
+        f"Registered the best run's model as {name!r} version {version.version}, alias "
+        f"{CHAMPION!r}: models:/{name}@{CHAMPION}",
+        flush=True,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,10 +124,42 @@ def record_results(
     datamodule: Any,
     best_path: str | None,
 ) -> None:
-    """The learning curves, the task's test report and the best checkpoint as artifacts."""
+    """The learning curves, the task's test report, the best checkpoint as an artifact and
+    as an MLflow Model."""
     from transferlab.reports.curves import log_learning_curves
 
     log_learning_curves(run, cfg.monitor, cfg.mode, title=f"{cfg.model.name}-{finetune_label(cfg)}")
     task.report(run, cfg, module, datamodule)
     if best_path and cfg.tracking.get("log_checkpoint", True):
         run.log_artifact(best_path, "checkpoints")
+    if best_path and cfg.tracking.get("log_model", True):
+        record_model(run, cfg, task, datamodule, Path(best_path))
+
+
+def record_model(
+    run: TrackedRun, cfg: DictConfig, task: Task, datamodule: Any, best_path: Path
+) -> None:
+    """The best checkpoint as the MLflow Model ``runs:/<run id>/model`` (classification runs).
+
+    A model that cannot be logged is one warning line, not a failed run: the run's results
+    are recorded already.
+    """
+    from transferlab.tracking.model import MODEL_NAME, SUPPORTED_TASKS, log_model
+    from transferlab.tracking.redact import redact_text
+
+    if task.name not in SUPPORTED_TASKS:
+        print(f"No MLflow model logged: task={task.name} runs are not supported yet", flush=True)
+        return
+    try:
+        seconds = log_model(run.run_id, Path(cfg.paths.output_dir), best_path, datamodule)
+    except Exception as err:  # a bug or an odd environment must not fail a trained run
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(
+            f"transferlab: warning: the best model was not logged as an MLflow Model "
+            f"({type(err).__name__}: {redact_text(reason)})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    run.log_metrics({"time/log_model_s": seconds})
+    print(f"MLflow model: runs:/{run.run_id}/{MODEL_NAME} (logged in {seconds:.1f} s)", flush=True)
