@@ -16,7 +16,7 @@ from transferlab.errors import UserError
 from transferlab.finetune import STRATEGIES, build_strategy
 
 GROUPS = ["data", "model", "augment", "optimizer", "scheduler", "finetune", "trainer"]
-GROUPS += ["callbacks", "tracking", "experiment", "hparams_search"]
+GROUPS += ["callbacks", "tracking", "experiment", "hparams_search", "shift"]
 
 
 def options(group: str) -> list[str]:

@@ -173,9 +173,13 @@ def transferlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_cli_run_records_miou_and_the_report(tmp_path: Path) -> None:
-    result = transferlab("train", *TINY, f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
+    suite = ["shift=corruptions", "shift.corruptions=[contrast,rotate]", "shift.severities=[2]"]
+    result = transferlab(
+        "train", *TINY, *suite, "shift.limit=8", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Feature cache" not in result.stdout  # full fine-tuning: nothing to cache
+    assert "rotate left out" in result.stdout  # it would move pixels off their labels
     run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     run = client.get_run(run_id)
@@ -185,7 +189,10 @@ def test_cli_run_records_miou_and_the_report(tmp_path: Path) -> None:
     assert tags["task"] == "segmentation" and tags["task.compare_metrics"].startswith("test/miou")
     assert run.data.params["task.decoder"] == "unet"
     files = {Path(a.path).name for a in client.list_artifacts(run_id, "test")}
-    assert {"per_class_iou.csv", "predictions.png"} <= files
+    assert {"per_class_iou.csv", "predictions.png", "gradcam.png"} <= files
+    history = client.get_metric_history(run_id, "shift/contrast/miou")
+    assert [m.step for m in history] == [2]  # charted against severity
+    assert "shift/mean/miou" in metrics and "shift/rotate/miou" not in metrics
     local = Path(client.download_artifacts(run_id, "test/per_class_iou.csv", str(tmp_path)))
     rows = local.read_text().splitlines()
     assert rows[0] == "class,iou" and rows[1].startswith("background,") and len(rows) == 12
@@ -259,3 +266,19 @@ def test_fast_metric_updates_in_deterministic_runs_give_the_same_values() -> Non
         torch.use_deterministic_algorithms(False)
     for name, value in slow.compute().items():
         assert torch.equal(value, fast.compute()[name]), name
+
+
+def test_a_shifted_segmentation_test_set_corrupts_images_and_keeps_masks(tmp_path: Path) -> None:
+    from transferlab.build import build_datamodule
+
+    cfg = tiny_config(tmp_path)
+    datamodule = build_datamodule(cfg)
+    task = build_task({"name": "segmentation"})
+    shifted = task.shifted_test_set(datamodule, "gaussian_noise", 5, seed=0)
+    clean, noisy = datamodule.test_set[0], shifted[0]
+    assert torch.equal(clean["mask"], noisy["mask"])
+    assert clean["image"].shape == noisy["image"].shape
+    assert (clean["image"] - noisy["image"]).abs().mean() > 0.1
+    assert torch.equal(noisy["image"], shifted[0]["image"])  # the same pixels every time
+    with pytest.raises(UserError, match="moves pixels"):
+        task.shifted_test_set(datamodule, "rotate", 1, seed=0)

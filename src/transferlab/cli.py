@@ -30,6 +30,13 @@ commands:
   predict classify images with a trained run's best checkpoint into a CSV
           (transferlab predict run=<run id | run folder | checkpoint> images=<file | folder>
            [out=predictions.csv] [top_k=5] [batch_size=64] [store_dir=mlruns])
+  eval    test a trained run again: on its own test split or other data, clean or under
+          the corruption suite, into a new MLflow run nested under it
+          (transferlab eval run=<run id | run folder | checkpoint> [data=... data.<key>=...]
+           [shift=corruptions shift.<key>=...] [store_dir=mlruns])
+  explain Grad-CAM heat maps of a trained run: where in each image it found its evidence
+          (transferlab explain run=<run id | run folder | checkpoint> images=<file | folder>
+           [out=explain] [class=predicted | <class name>] [batch_size=16] [store_dir=mlruns])
   export  write a trained run's network as ONNX, checked against PyTorch with onnxruntime
           (transferlab export run=<run id | run folder | checkpoint> format=onnx
            [out=model.onnx] [store_dir=mlruns])
@@ -97,6 +104,18 @@ def predict(argv: list[str]) -> int:
     return predict_main(argv)
 
 
+def evaluate(argv: list[str]) -> int:
+    from transferlab.evaluate import main as evaluate_main
+
+    return evaluate_main(argv)
+
+
+def explain(argv: list[str]) -> int:
+    from transferlab.explain import main as explain_main
+
+    return explain_main(argv)
+
+
 def export(argv: list[str]) -> int:
     from transferlab.export import main as export_main
 
@@ -131,6 +150,8 @@ COMMANDS = {
     "ui": ui,
     "reproduce": reproduce,
     "predict": predict,
+    "eval": evaluate,
+    "explain": explain,
     "export": export,
 }
 

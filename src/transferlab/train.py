@@ -154,8 +154,14 @@ def fit_and_test(
     import torch
 
     from transferlab.build import build_parts, build_trainer
+    from transferlab.robustness import evaluate_shift
     from transferlab.signals import trainer_calls
-    from transferlab.tracking.record import record_results, record_setup, report_speed
+    from transferlab.tracking.record import (
+        finetune_label,
+        record_results,
+        record_setup,
+        report_speed,
+    )
 
     parts = build_parts(cfg, runtime)
     if resume is not None:
@@ -200,7 +206,16 @@ def fit_and_test(
     if run is not None:
         run.log_metrics(summary)
         record_results(run, cfg, parts.task, parts.module, parts.datamodule, best_path)
-    print_summary({**test_metrics, **timings}, run, cfg)
+    started = time.perf_counter()
+    title = f"{cfg.model.name}-{finetune_label(cfg)}: test set under corruptions"
+    shifted = evaluate_shift(
+        run, cfg, parts.task, parts.module, parts.datamodule, test_metrics, title
+    )
+    if shifted is not None:
+        timings["time/shift_s"] = time.perf_counter() - started
+        if run is not None:
+            run.log_metrics({"time/shift_s": timings["time/shift_s"]})
+    print_summary({**test_metrics, **(shifted.metrics() if shifted else {}), **timings}, run, cfg)
     return best
 
 

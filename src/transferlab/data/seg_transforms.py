@@ -97,3 +97,24 @@ def create_seg_train_transform(
         antialias=True,
     )
     return SegTransform([crop, v2.RandomHorizontalFlip(float(hflip)), *_to_normalized(mean, std)])
+
+
+class ImageOnly(v2.Transform):
+    """A PIL-image step (a corruption) applied to the image alone; masks pass unchanged."""
+
+    def __init__(self, step: Any) -> None:
+        super().__init__()
+        self.step = step
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask) or not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        changed = self.step(F.to_pil_image(inpt.as_subclass(torch.Tensor)))
+        return tv_tensors.Image(F.pil_to_tensor(changed))
+
+
+def with_image_step(transform: SegTransform, step: Any) -> SegTransform:
+    """``transform`` with ``step`` on the image right after its first (resizing) step, before
+    the float conversion and normalisation."""
+    steps = list(transform.pipeline.transforms)
+    return SegTransform([steps[0], ImageOnly(step), *steps[1:]])

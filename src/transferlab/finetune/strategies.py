@@ -320,17 +320,9 @@ STRATEGIES: dict[str, type[FinetuneStrategy]] = {
 
 def strategy_defaults(name: str) -> dict[str, Any]:
     """The options ``conf/finetune/<name>.yaml`` sets, its ``defaults`` list merged first."""
-    from omegaconf import OmegaConf
+    from transferlab.configs import option_values
 
-    from transferlab import CONF_DIR
-
-    node = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "finetune" / f"{name}.yaml"))
-    options: dict[str, Any] = {}
-    for base in node.pop("defaults", []):
-        if base != "_self_":
-            options.update(strategy_defaults(base))
-    options.update(node)
-    return options
+    return option_values("finetune", name)
 
 
 def build_strategy(cfg: Mapping[str, Any]) -> FinetuneStrategy:

@@ -20,14 +20,24 @@ from typing import Any
 CLASSIFICATION_METRICS = ("test/acc", "test/f1", "test/top5")
 
 
+# Runs evaluated under the corruption suite (``shift=corruptions``) show their clean and
+# shifted values side by side: these summaries follow the test metrics.
+SHIFT_SUMMARIES = ("shift/mean/", "shift/relative_drop/")
+
+
 def test_metrics_of(runs: Sequence[Any]) -> list[str]:
-    """The test metric columns the runs' tasks declare, in order, without repeats."""
+    """The test metric columns the runs' tasks declare, in order, without repeats, then the
+    corruption suite's summaries of the runs that have them."""
     columns: list[str] = []
     for run in runs:
         declared = run.data.tags.get("task.compare_metrics")
         names = declared.split(",") if declared else CLASSIFICATION_METRICS
         columns += [name for name in names if name and name not in columns]
-    return columns or list(CLASSIFICATION_METRICS)
+    columns = columns or list(CLASSIFICATION_METRICS)
+    for prefix in SHIFT_SUMMARIES:
+        found = {name for run in runs for name in run.data.metrics if name.startswith(prefix)}
+        columns += sorted(found)
+    return columns
 
 
 @dataclass
@@ -161,7 +171,8 @@ def load_experiment(
     mode: str | None = None,
     x: str | None = None,
 ) -> Comparison:
-    """The comparison of every run of ``experiment`` that is not a sweep's parent.
+    """The comparison of every training run of ``experiment`` (not sweep parents, not
+    evaluations).
 
     ``monitor`` and ``mode`` default to the ones the runs were trained with.
     """
@@ -170,7 +181,12 @@ def load_experiment(
         order_by=["attributes.start_time ASC"],
         max_results=50000,
     )
-    runs = [run for run in runs if run.data.tags.get("sweep.parent") != "true"]
+    # Sweep parents summarise their children; evaluations (`transferlab eval`) repeat a run.
+    runs = [
+        run
+        for run in runs
+        if run.data.tags.get("sweep.parent") != "true" and "evaluates" not in run.data.tags
+    ]
     monitor = monitor or most_common_param(runs, "monitor", "val/acc")
     return Comparison(
         experiment.name,

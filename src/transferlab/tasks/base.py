@@ -44,6 +44,8 @@ class Task:
     target: ClassVar[str] = "label"
     # Whether cached pooled backbone features can stand in for images (a frozen backbone).
     supports_feature_cache: ClassVar[bool] = False
+    # Whether targets are per pixel, so geometric corruptions (shift.GEOMETRIC) do not apply.
+    per_pixel_targets: ClassVar[bool] = False
     # The test metrics a sweep's comparison table shows, most important first.
     compare_metrics: ClassVar[tuple[str, ...]] = ()
 
@@ -73,6 +75,11 @@ class Task:
     def test_state(self, num_classes: int) -> dict[str, Metric]:
         """Extra metrics accumulated over the test split for the report (e.g. a confusion matrix)."""
         return {}
+
+    def shifted_test_set(self, datamodule: Any, corruption: str, severity: int, seed: int) -> Any:
+        """The test split with ``corruption`` at ``severity`` applied to each image after
+        resizing and before normalisation (``transferlab.shift``), deterministic for ``seed``."""
+        raise UserError(f"shift=corruptions does not support task={self.name} yet")
 
     def report(self, run: TrackedRun, cfg: Any, module: Any, datamodule: Any) -> None:
         """Log the test report (figures, per-class tables) to the run, after testing.

@@ -50,13 +50,24 @@ class Classification(Task):
     def metrics(self, num_classes: int) -> MetricCollection:
         return classification_metrics(num_classes)
 
+    def shifted_test_set(self, datamodule: Any, corruption: str, severity: int, seed: int) -> Any:
+        import copy
+
+        from transferlab.shift import with_corruption
+
+        shifted = copy.copy(datamodule.test_set)
+        shifted.transform = with_corruption(datamodule.eval_transform, corruption, severity, seed)
+        return shifted
+
     def test_state(self, num_classes: int) -> dict[str, Metric]:
         from transferlab.reports.calibration import SplitLogits
 
         return {"confusion": MulticlassConfusionMatrix(num_classes), "logits": SplitLogits()}
 
     def report(self, run, cfg: Any, module: Any, datamodule: Any) -> None:
-        """Confusion matrix (PNG) and per-class precision, recall and F1 (CSV)."""
+        """Confusion matrix (PNG), per-class precision, recall and F1 (CSV), the most
+        confused pairs, calibration, and Grad-CAM of correctly and wrongly classified test
+        images (PNG)."""
         import matplotlib.pyplot as plt
 
         from transferlab.reports import confusion_figure, per_class_metrics
@@ -72,6 +83,7 @@ class Classification(Task):
         run.log_text("\n".join([header, *lines]) + "\n", "test/per_class_metrics.csv")
         report_confused_pairs(run, cfg, module, datamodule, confusion)
         report_calibration(run, cfg, module, datamodule)
+        report_gradcam(run, cfg, module, datamodule)
 
 
 EXAMPLES_PER_PAIR = 4
@@ -154,4 +166,60 @@ def report_calibration(run, cfg: Any, module: Any, datamodule: Any) -> None:
         title += f", temperature T={metrics['calibration/temperature']:.3f} fitted on val"
     figure = calibration.reliability_figure(diagrams, title=title)
     run.log_figure(figure, "test/reliability.png")
+    plt.close(figure)
+
+
+GRADCAM_EXAMPLES = 8  # correctly classified test images, and as many wrongly
+
+
+def spread_over_classes(indices: torch.Tensor, labels: torch.Tensor, count: int) -> list[int]:
+    """Up to ``count`` of ``indices`` (in test-set order), taking each true class in turn so
+    that one class does not fill the grid."""
+    queues: dict[int, list[int]] = {}
+    for i in indices.tolist():
+        queues.setdefault(int(labels[i]), []).append(i)
+    chosen: list[int] = []
+    while len(chosen) < count and any(queues.values()):
+        for label in sorted(queues):
+            if queues[label] and len(chosen) < count:
+                chosen.append(queues[label].pop(0))
+    return chosen
+
+
+def report_gradcam(run, cfg: Any, module: Any, datamodule: Any) -> None:
+    """Grad-CAM of the predicted class for up to ``GRADCAM_EXAMPLES`` correctly and as many
+    wrongly classified test images, chosen in test-set order class by class, titled with
+    their true and predicted classes (PNG). Computed on a plain fp32 CPU copy of the
+    network, whatever the run's device and runtime."""
+    import matplotlib.pyplot as plt
+
+    from transferlab.reports.gradcam import (
+        gradcam_figure,
+        heat_maps,
+        panels_of,
+        plain_cpu_copy,
+        prediction_title,
+    )
+
+    logits, target = (t.cpu() for t in module.test_state["logits"].compute())
+    predicted = logits.argmax(1)
+    correct = torch.nonzero(predicted == target).flatten()
+    wrong = torch.nonzero(predicted != target).flatten()
+    groups = [
+        ("correct", spread_over_classes(correct, target, GRADCAM_EXAMPLES)),
+        ("wrong", spread_over_classes(wrong, target, GRADCAM_EXAMPLES)),
+    ]
+    chosen = [i for _, indices in groups for i in indices]
+    if not chosen:
+        return
+    names = list(datamodule.class_names)
+    images = torch.stack([datamodule.test_set[i]["image"] for i in chosen])
+    maps = heat_maps(plain_cpu_copy(module.network), images, [int(predicted[i]) for i in chosen])
+    titles = [prediction_title(names[int(predicted[i])], names[int(target[i])]) for i in chosen]
+    panels = iter(panels_of(images, maps.maps, titles))
+    figure = gradcam_figure(
+        [(label, [next(panels) for _ in indices]) for label, indices in groups if indices],
+        title=f"{cfg.model.name}: Grad-CAM of the predicted class ({maps.layer}), test set",
+    )
+    run.log_figure(figure, "test/gradcam.png")
     plt.close(figure)

@@ -3,8 +3,8 @@
 Loss: cross-entropy, Dice, or their sum (``task.loss``), pixels labelled ``ignore_index``
 (255, as VOC and most labelling tools) left out. Metrics over a whole split (torchmetrics
 accumulates the confusion over every pixel): mIoU (macro Jaccard), pixel accuracy and
-Dice (macro F1 over pixels). Test report: per-class IoU (CSV) and a grid of test images
-with the true and predicted masks overlaid (PNG).
+Dice (macro F1 over pixels). Test report: per-class IoU (CSV), a grid of test images
+with the true and predicted masks overlaid (PNG), and their Grad-CAM heat maps (PNG).
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class SegmentationScores(MulticlassConfusionMatrix):
 class Segmentation(Task):
     target = "mask"
     supports_feature_cache = False
+    per_pixel_targets = True
     compare_metrics = ("test/miou", "test/dice", "test/pixel_acc")
 
     def __init__(
@@ -117,8 +118,27 @@ class Segmentation(Task):
     def test_state(self, num_classes: int) -> dict[str, Metric]:
         return {}  # the report reads the test metrics' own confusion matrix
 
+    def shifted_test_set(self, datamodule: Any, corruption: str, severity: int, seed: int) -> Any:
+        """The test split with a photometric corruption on each image, after resizing; the
+        masks are unchanged (``shift.GEOMETRIC`` corruptions are left out for this task)."""
+        import copy
+
+        from transferlab.data.seg_transforms import with_image_step
+        from transferlab.shift import GEOMETRIC, Corruption
+
+        if corruption in GEOMETRIC:
+            raise UserError(
+                f"shift corruption {corruption} moves pixels away from their mask labels: "
+                "choose photometric corruptions for task=segmentation"
+            )
+        shifted = copy.copy(datamodule.test_set)
+        step = Corruption(corruption, severity, seed)
+        shifted.transform = with_image_step(datamodule.eval_transform, step)
+        return shifted
+
     def report(self, run, cfg: Any, module: Any, datamodule: Any) -> None:
-        """Per-class IoU (CSV) and test images with true and predicted masks (PNG)."""
+        """Per-class IoU (CSV), test images with true and predicted masks (PNG) and their
+        Grad-CAM heat maps (PNG)."""
         import matplotlib.pyplot as plt
 
         from transferlab.reports.segmentation import overlay_grid
@@ -145,3 +165,34 @@ class Segmentation(Task):
         )
         run.log_figure(figure, "test/predictions.png")
         plt.close(figure)
+        report_gradcam(run, cfg, module, images, batch["mask"][:REPORT_IMAGES], names)
+
+
+def report_gradcam(
+    run, cfg: Any, module: Any, images: torch.Tensor, masks: torch.Tensor, names: list[str]
+) -> None:
+    """Grad-CAM of the report's test images (PNG), each for its most frequent predicted
+    class other than the background: that class's logits summed over its predicted pixels.
+    Computed on a plain fp32 CPU copy of the network, whatever the run's runtime."""
+    import matplotlib.pyplot as plt
+
+    from transferlab.reports.gradcam import (
+        gradcam_figure,
+        heat_maps,
+        most_frequent_class,
+        panels_of,
+        plain_cpu_copy,
+        prediction_title,
+    )
+
+    maps = heat_maps(plain_cpu_copy(module.network), images)
+    titles = [
+        prediction_title(names[explained], names[most_frequent_class(mask, len(names))])
+        for explained, mask in zip(maps.classes, masks, strict=True)
+    ]
+    figure = gradcam_figure(
+        [("", panels_of(images, maps.maps, titles))],
+        title=f"{cfg.model.name}: Grad-CAM of each image's main predicted class ({maps.layer})",
+    )
+    run.log_figure(figure, "test/gradcam.png")
+    plt.close(figure)
