@@ -115,6 +115,7 @@ def test_loaded_model_gives_what_transferlab_predict_gives(trained_run, model, i
         model.predict(pd.DataFrame({"image": [images[0].read_bytes(), b"not an image"]}))
 
 
+@pytest.mark.slow  # 30-140 s on 2 cores: `make test-slow` runs it
 def test_mlflow_models_predict_serves_it_offline(trained_run, model, images, tmp_path) -> None:
     cwd, _, run_id = trained_run
     request = tmp_path / "request.json"
@@ -166,13 +167,13 @@ def test_a_model_that_cannot_be_logged_is_one_warning_line(
 
     run = SimpleNamespace(run_id="0" * 32)  # not MLflow's active run: logging fails
     cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}})
-    for task in ("classification", "segmentation"):
+    for task in ("classification", "segmentation", "unregistered"):
         record_model(run, cfg, SimpleNamespace(name=task), None, tmp_path / "best-epoch00.ckpt")
     shown = capsys.readouterr()
-    assert shown.err.splitlines() == [
+    assert shown.err.splitlines() == 2 * [
         "transferlab: warning: the best model was not logged as an MLflow Model "
         f"(RuntimeError: run {run.run_id} is not MLflow's active run)"
     ]
     assert shown.out.splitlines() == [
-        "No MLflow model logged: task=segmentation runs are not supported yet"
+        "No MLflow model logged: task=unregistered runs are not supported yet"
     ]

@@ -27,9 +27,10 @@ commands:
   reproduce
           train again from what a finished run recorded and say whether the results match
           (transferlab reproduce <run id | run folder>)
-  predict classify images with a trained run's best checkpoint into a CSV
+  predict a trained run's predictions for images: top-k classes into a CSV, or (segmentation)
+          a mask PNG per image and a CSV of class shares
           (transferlab predict run=<run id | run folder | checkpoint> images=<file | folder>
-           [out=predictions.csv] [top_k=5] [batch_size=64] [store_dir=mlruns])
+           [out=predictions.csv | predictions/] [top_k=5] [batch_size=64] [store_dir=mlruns])
   eval    test a trained run again: on its own test split or other data, clean or under
           the corruption suite, into a new MLflow run nested under it
           (transferlab eval run=<run id | run folder | checkpoint> [data=... data.<key>=...]

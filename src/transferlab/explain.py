@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +74,6 @@ def main(argv: list[str]) -> int:
             f"explain supports task={' and task='.join(TITLES)} runs; {model.folder} is a "
             f"task={model.task.name} run"
         )
-    if model.task.name == "segmentation":
-        model.transform = segmentation_transform(model)
     target = class_index(model.class_names, args["class"])
     names = overlay_names(files, images if images.is_dir() else images.parent)
     with staged_folder(out) as folder:
@@ -238,23 +236,3 @@ def segment_titles(class_names: Sequence[str], logits: Any, explained: Sequence[
 
 
 TITLES = {"classification": class_titles, "segmentation": segment_titles}
-
-
-def segmentation_transform(model: Any) -> Callable[[Any], Any]:
-    """A segmentation run's eval transform for a PIL image alone (its data module's,
-    which transforms image and mask together)."""
-    import numpy as np
-    from omegaconf import OmegaConf
-
-    from transferlab.data.seg_transforms import create_seg_eval_transform
-    from transferlab.data.transforms import resolve_data_config
-    from transferlab.models import model_data_config
-
-    data = OmegaConf.to_container(model.cfg.data, resolve=True)
-    config = resolve_data_config(model_data_config(model.cfg.model), data.get("image_size"))
-    paired = create_seg_eval_transform(int(config["input_size"][1]), config["mean"], config["std"])
-
-    def transform(image: Any) -> Any:
-        return paired(image, np.zeros((image.height, image.width), dtype=np.int64))[0]
-
-    return transform

@@ -2,13 +2,15 @@
 
 ONNX: the network in eval mode, fp32, contiguous, with a dynamic batch axis, written to a
 temporary file and renamed into place once onnxruntime's outputs on a batch match
-PyTorch's within :data:`TOLERANCE`.
+PyTorch's within :data:`TOLERANCE`. Classification and segmentation runs; a segmentation
+network's logits are per pixel, at the input's size.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,12 @@ USAGE = """\
 usage: transferlab export run=<run id | run folder | checkpoint> format=onnx
                           [out=model.onnx] [store_dir=mlruns]
 
-Write a trained classification run's network (best checkpoint) as ONNX, input "image"
-(batch, C, H, W, preprocessed as the run's eval transform does; the batch size is free),
-output "logits" (batch, classes); then check it with onnxruntime against PyTorch.
+Write a trained run's network (best checkpoint) as ONNX, input "image" (batch, C, H, W,
+preprocessed as the run's eval transform does; the batch size is free, H and W are the
+run's input size), output "logits": (batch, classes) for a classification run, (batch,
+classes, H, W) for a segmentation run (the argmax over classes is the mask; resize the
+logits to the original image's size first, as transferlab predict does). Then check it
+with onnxruntime against PyTorch.
 """
 DEFAULTS: dict[str, str | None] = {
     "run": None,
@@ -30,6 +35,7 @@ DEFAULTS: dict[str, str | None] = {
 }
 FORMATS = ("onnx",)
 TOLERANCE = 1e-4  # max abs difference of the logits, onnxruntime against PyTorch
+TASKS = ("classification", "segmentation")
 TRACE_BATCH, CHECK_BATCH = 2, 5  # different sizes, so the check exercises the free batch axis
 
 
@@ -46,7 +52,7 @@ def main(argv: list[str]) -> int:
         )
     out = Path(args["out"] or f"model.{args['format']}").expanduser()
     model = load_trained(args["run"], args["store_dir"])
-    model.require_task("classification", "export")
+    model.require_task(TASKS, "export")
     difference = export_onnx(model, out)
     print(
         f"Exported {model.checkpoint} to {out} (ONNX, input image: batch x "
@@ -66,7 +72,10 @@ def export_onnx(model: Any, out: Path) -> float:
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".onnx", dir=out.parent)
     os.close(handle)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # Shape checks traced as constants: the batch axis is free, H and W are fixed,
+            # and the check below runs another batch size through onnxruntime.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
                 network,
                 (sample,),

@@ -3,14 +3,19 @@
 ``load_trained(target)`` takes an MLflow run id, a run folder (``outputs/train/<date>/<time>``)
 or a checkpoint inside one. The network is rebuilt from the run's own saved config
 (``.hydra/config.yaml``) through the run's task, as training built it but without the
-pretrained weights, and the checkpoint is loaded into it. ``transferlab predict`` and
-``transferlab export`` use it.
+pretrained weights, and the checkpoint is loaded into it. ``transferlab predict``,
+``export``, ``explain`` and ``eval`` and the MLflow Model of a run use it.
+
+Preprocessing is the run's data module's eval transform, for an image alone: classification's
+as is, segmentation's (which transforms an image and its mask together) with a blank mask.
+A segmentation network's logits are resized back to each image's own size before the argmax
+(:func:`predicted_masks`), and a mask is written as a palette PNG (:func:`mask_png`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +23,10 @@ from typing import TYPE_CHECKING, Any
 from transferlab.errors import UserError
 
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
     from omegaconf import DictConfig
+    from PIL import Image
     from torch import nn
 
     from transferlab.tasks import Task
@@ -27,6 +35,9 @@ SAVED_CONFIG = Path(".hydra") / "config.yaml"
 CHECKPOINTS = "checkpoints"
 BEST_CHECKPOINT = "best-*.ckpt"
 NETWORK_PREFIX = "network."  # the Lightning module's attribute holding the network
+SHARE_PREFIX = "share_"  # share_<class name>: the share of an image's pixels predicted as it
+MASK_CLASSES_KEY = "classes"  # the PNG text chunk of a mask: its class names, index 0 first
+PALETTE_CLASSES = 256  # a palette PNG holds class indices 0-255; more: 16-bit grayscale
 
 
 @dataclass
@@ -40,17 +51,18 @@ class TrainedModel:
     checkpoint: Path
     folder: Path
     run_id: str | None
-    # Classification: the eval transform of the run's data (PIL image -> tensor) and the
-    # PIL mode images are converted to first. None for other tasks.
+    # The eval transform of the run's data for one image (PIL image -> C x H x W tensor)
+    # and the PIL mode images are converted to first. None for a task without one.
     transform: Callable[[Any], Any] | None
     image_mode: str
     input_size: tuple[int, int, int]
 
-    def require_task(self, name: str, command: str) -> None:
-        if self.task.name != name:
+    def require_task(self, names: Sequence[str], command: str) -> None:
+        """A one-line error unless the run's task is one of ``names``."""
+        if self.task.name not in names:
+            supported = " and ".join(f"task={name}" for name in names)
             raise UserError(
-                f"{command} supports task={name} runs for now; {self.folder} is a "
-                f"task={self.task.name} run"
+                f"{command} supports {supported} runs; {self.folder} is a task={self.task.name} run"
             )
 
 
@@ -169,12 +181,17 @@ def recorded_class_names(state: dict[str, Any], path: Path) -> tuple[str, ...]:
     return tuple(str(name) for name in names)
 
 
-def build_network(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, Task]:
-    """The run's network for ``num_classes``, built by its task, without pretrained weights."""
+def run_task(cfg: DictConfig) -> Task:
+    """The task the run's config names."""
     from transferlab.build import task_options
     from transferlab.tasks import build_task
 
-    task = build_task(task_options(cfg))
+    return build_task(task_options(cfg))
+
+
+def build_network(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, Task]:
+    """The run's network for ``num_classes``, built by its task, without pretrained weights."""
+    task = run_task(cfg)
     return task.build_network(cfg.model, num_classes), task
 
 
@@ -212,8 +229,19 @@ def load_weights(
 def eval_preprocessing(
     cfg: DictConfig, task: Task
 ) -> tuple[Callable[[Any], Any] | None, str, tuple[int, int, int]]:
-    """The run's eval transform, PIL image mode and input size (C, H, W), as its data module
-    builds them (classification; other tasks get no transform)."""
+    """The run's eval transform for one image, PIL image mode and input size (C, H, W), as
+    its data module builds them (a task not in ``PREPROCESSING``: the backbone's mode and
+    input size, no transform)."""
+    build = PREPROCESSING.get(task.name)
+    if build is None:
+        _, mode, size = classification_preprocessing(cfg)
+        return None, mode, size
+    return build(cfg)
+
+
+def classification_preprocessing(
+    cfg: DictConfig,
+) -> tuple[Callable[[Any], Any], str, tuple[int, int, int]]:
     from omegaconf import OmegaConf
 
     from transferlab.data.transforms import create_eval_transform, image_mode, resolve_data_config
@@ -222,5 +250,94 @@ def eval_preprocessing(
     data = OmegaConf.to_container(cfg.data, resolve=True)
     config = resolve_data_config(model_data_config(cfg.model), data.get("image_size"))
     size = tuple(int(v) for v in config["input_size"])
-    transform = create_eval_transform(config) if task.name == "classification" else None
-    return transform, image_mode(config), size  # type: ignore[return-value]
+    return create_eval_transform(config), image_mode(config), size  # type: ignore[return-value]
+
+
+def segmentation_preprocessing(
+    cfg: DictConfig,
+) -> tuple[Callable[[Any], Any], str, tuple[int, int, int]]:
+    """The eval transform of the run's ``SegmentationDataModule`` (built, not set up: no data
+    is read), for an image alone."""
+    from omegaconf import OmegaConf
+
+    from transferlab.data.seg_datamodule import SegmentationDataModule
+    from transferlab.models import model_data_config
+
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    try:
+        datamodule = SegmentationDataModule(**data, data_config=model_data_config(cfg.model))
+    except TypeError as err:
+        raise UserError(f"the run's data config: {err}") from None
+    size = tuple(int(v) for v in datamodule.data_config["input_size"])
+    return ImageAlone(datamodule.eval_transform), "RGB", size  # type: ignore[return-value]
+
+
+class ImageAlone:
+    """A paired (image, mask) eval transform applied to an image without a mask."""
+
+    def __init__(self, paired: Callable[[Any, Any], tuple[Any, Any]]) -> None:
+        self.paired = paired
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        import numpy as np
+
+        blank = np.zeros((image.height, image.width), dtype=np.uint8)
+        return self.paired(image, blank)[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.paired!r})"
+
+
+PREPROCESSING: dict[str, Callable[[DictConfig], tuple[Any, str, tuple[int, int, int]]]] = {
+    "classification": classification_preprocessing,
+    "segmentation": segmentation_preprocessing,
+}
+
+
+def predicted_masks(
+    network: nn.Module, batch: torch.Tensor, sizes: Sequence[tuple[int, int]]
+) -> list[torch.Tensor]:
+    """Each image's class-index mask at its own (H, W) in ``sizes``: the segmentation
+    network's logits for the preprocessed ``batch``, resized (bilinear), then the argmax."""
+    import torch.nn.functional as F
+
+    masks = []
+    for scores, size in zip(network(batch).float(), sizes, strict=True):
+        resized = F.interpolate(
+            scores[None], size=tuple(size), mode="bilinear", align_corners=False
+        )
+        masks.append(resized[0].argmax(0))
+    return masks
+
+
+def class_shares(mask: torch.Tensor, num_classes: int) -> list[float]:
+    """The share of the mask's pixels predicted as each class (they sum to 1)."""
+    counts = mask.flatten().bincount(minlength=num_classes)
+    return [int(count) / mask.numel() for count in counts]
+
+
+def mask_png(mask: torch.Tensor | np.ndarray, class_names: Sequence[str]) -> bytes:
+    """A class-index mask as PNG file bytes: a palette PNG whose pixel values are the class
+    indices, coloured as the run's report colours them (class 0 dark), its class names in
+    the text chunk ``classes`` (a JSON list, index 0 first); 16-bit grayscale beyond 256
+    classes."""
+    import io
+
+    import numpy as np
+    from PIL import Image, PngImagePlugin
+
+    from transferlab.reports.segmentation import colour_mask, palette
+
+    indices = np.asarray(mask)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(MASK_CLASSES_KEY, json.dumps(list(class_names)))
+    if len(class_names) <= PALETTE_CLASSES:
+        image = Image.fromarray(indices.astype(np.uint8))  # L: putpalette makes it P
+        every = np.arange(len(class_names))[None]
+        colours = colour_mask(every, palette(len(class_names)), ignore=-1)[0]
+        image.putpalette((colours * 255).round().astype(np.uint8).flatten().tolist())
+    else:
+        image = Image.fromarray(indices.astype(np.uint16))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()

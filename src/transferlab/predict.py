@@ -1,9 +1,12 @@
-"""``transferlab predict run=<run> images=<file | folder>``: a trained classifier's top-k
-classes and probabilities for each image, written to a CSV.
+"""``transferlab predict run=<run> images=<file | folder>``: a trained run's predictions for
+each image. Classification: the top-k classes and probabilities, into a CSV. Segmentation:
+a class-index mask PNG per image at the image's own size, and a CSV of each class's share
+of the pixels.
 
 Images are preprocessed as the run evaluated its test set (``transferlab.inference``).
-Files that cannot be read as images are reported and skipped; the CSV is written to a
-temporary file and renamed into place, so it is either complete or absent.
+Files that cannot be read as images are reported and skipped. The CSV is written to a
+temporary file and renamed into place, so it is either complete or absent; a segmentation
+run's masks and CSV are written into a temporary folder moved into place at the end.
 """
 
 from __future__ import annotations
@@ -20,21 +23,36 @@ from transferlab.errors import UserError
 
 USAGE = """\
 usage: transferlab predict run=<run id | run folder | checkpoint> images=<file | folder>
-                           [out=predictions.csv] [top_k=5] [batch_size=64] [store_dir=mlruns]
+                           [out=predictions.csv | <folder>] [top_k=5] [batch_size=64]
+                           [store_dir=mlruns]
 
-Classify images with a trained classification run's best checkpoint. A folder is searched
-recursively for images (.jpg, .png, ...). The CSV has one row per image: file, then
-class_1, prob_1, ..., class_k, prob_k, most probable first. Unreadable files are skipped
-and counted.
+Predict images with a trained run's best checkpoint. A folder is searched recursively for
+images (.jpg, .png, ...). Unreadable files are skipped and counted.
+
+Classification runs: out= is a CSV (default predictions.csv) with one row per image: file,
+then class_1, prob_1, ..., class_k, prob_k, most probable first (top_k=, default 5).
+
+Segmentation runs: out= is a folder (default predictions), and top_k= does not apply (an
+error). For each image, <out>/<image name>_mask.png: the predicted class of each pixel at
+the image's own size, a palette PNG whose pixel values are class indices (0 = the run's
+first class, in the order of the share_ columns; the PNG's text chunk "classes" lists the
+names too), coloured as the run's report. And <out>/predictions.csv, one row per image:
+file, mask (its PNG), then share_<class> for each class, the share of the image's pixels
+predicted as it (they sum to 1). All are written into a temporary folder and moved into
+out= at the end; an existing out= folder keeps its other files.
 """
 DEFAULTS: dict[str, str | None] = {
     "run": None,
     "images": None,
-    "out": "predictions.csv",
-    "top_k": "5",
+    "out": "",  # predictions.csv (classification), predictions (segmentation)
+    "top_k": "",  # TOP_K (classification)
     "batch_size": "64",
     "store_dir": "mlruns",
 }
+TOP_K = 5
+CSV_OUT = "predictions.csv"
+MASKS_OUT = "predictions"  # the folder a segmentation run writes into
+MASK_SUFFIX = "_mask.png"
 PROGRESS_FROM = 200  # images: fewer finish before a progress bar would help
 
 
@@ -45,21 +63,68 @@ def main(argv: list[str]) -> int:
     args = key_value_args(argv, DEFAULTS, USAGE)
     if args is None:
         return 0
-    top_k = positive_int(args, "top_k")
+    top_k = positive_int(args, "top_k") if args["top_k"] else None
     batch_size = positive_int(args, "batch_size")
-    files = image_files(Path(args["images"]).expanduser())
+    images = Path(args["images"]).expanduser()
+    files = image_files(images)
     model = load_trained(args["run"], args["store_dir"])
-    model.require_task("classification", "predict")
-    out = Path(args["out"]).expanduser()
-    k = min(top_k, len(model.class_names))
-    rows, skipped = predict_rows(model, files, k, batch_size)
+    model.require_task(tuple(PREDICTORS), "predict")
+    out = Path(args["out"]).expanduser() if args["out"] else None
+    PREDICTORS[model.task.name](model, images, files, out, top_k, batch_size)
+    return 0
+
+
+def classify(
+    model: Any, images: Path, files: list[Path], out: Path | None, top_k: int | None, batch: int
+) -> None:
+    """The top-k classes of each image into the CSV ``out``."""
+    out = out or Path(CSV_OUT)
+    k = min(top_k or TOP_K, len(model.class_names))
+    rows, skipped = predict_rows(model, files, k, batch)
     if not rows:
         raise UserError(f"none of the {len(files)} image file(s) could be read")
     header = ["file", *(f"{kind}_{i}" for i in range(1, k + 1) for kind in ("class", "prob"))]
     write_csv_atomically(out, header, rows)
     note = f"; skipped {len(skipped)} unreadable file(s)" if skipped else ""
     print(f"Predicted {len(rows)} image(s) with {model.checkpoint} into {out}{note}")
-    return 0
+
+
+def segment(
+    model: Any, images: Path, files: list[Path], out: Path | None, top_k: int | None, batch: int
+) -> None:
+    """A mask PNG per image and the CSV of class shares into the folder ``out``."""
+    from transferlab.explain import is_inside, staged_folder
+    from transferlab.inference import SHARE_PREFIX
+
+    if top_k is not None:
+        raise UserError(
+            f"top_k={top_k} ranks the classes of a whole image; a task=segmentation run "
+            "predicts a class per pixel (a mask and each class's share of it): drop top_k="
+        )
+    out = out or Path(MASKS_OUT)
+    if out.suffix.lower() == ".csv" or (out.exists() and not out.is_dir()):
+        raise UserError(
+            f"out={out}: a task=segmentation run writes a folder (a mask PNG per image and "
+            f"{CSV_OUT}); pass a folder, e.g. out={MASKS_OUT}"
+        )
+    files = [f for f in files if not is_inside(f, out)]
+    if not files:
+        raise UserError(f"images={images}: the only images are under out={out}")
+    names = mask_names(files, images if images.is_dir() else images.parent)
+    with staged_folder(out) as folder:
+        rows, skipped = predict_masks(model, files, names, batch, folder, out)
+        if not rows:
+            raise UserError(f"none of the {len(files)} image file(s) could be read")
+        header = ["file", "mask", *(SHARE_PREFIX + name for name in model.class_names)]
+        write_csv_atomically(folder / CSV_OUT, header, rows)
+    note = f"; skipped {len(skipped)} unreadable file(s)" if skipped else ""
+    print(
+        f"Segmented {len(rows)} image(s) with {model.checkpoint} into {out} "
+        f"(<image>{MASK_SUFFIX} each, {CSV_OUT}){note}"
+    )
+
+
+PREDICTORS = {"classification": classify, "segmentation": segment}
 
 
 def positive_int(args: dict[str, str], key: str) -> int:
@@ -103,30 +168,18 @@ def predict_rows(
     """CSV rows (file, class and probability pairs) for the readable ``files``, and the
     files skipped as unreadable (each reported on stderr as it is met)."""
     import torch
-    from tqdm.auto import tqdm
 
     rows: list[list[str]] = []
     skipped: list[Path] = []
     names = model.class_names
-    progress = tqdm(
-        total=len(files), desc="predict", unit="img", disable=len(files) < PROGRESS_FROM
-    )
-    with progress, torch.inference_mode():
+    with progress_bar(files) as progress, torch.inference_mode():
         for group in batches(files, batch_size):
-            tensors, kept = [], []
-            for path in group:
-                try:
-                    tensors.append(load_image(model, path))
-                    kept.append(path)
-                except Exception as err:  # any unreadable or corrupt file
-                    skipped.append(path)
-                    progress.write(f"skipped {path}: {one_line(err)}", file=sys.stderr)
-            progress.update(len(group))
-            if not tensors:
+            loaded = load_group(model, group, skipped, progress)
+            if not loaded:
                 continue
-            probs = model.network(torch.stack(tensors)).float().softmax(1)
+            probs = model.network(torch.stack([t for _, _, t in loaded])).float().softmax(1)
             top = probs.topk(top_k, dim=1)
-            for path, values, indices in zip(kept, top.values, top.indices, strict=True):
+            for (path, _, _), values, indices in zip(loaded, top.values, top.indices, strict=True):
                 pairs = [
                     (names[int(i)], f"{float(v):.6f}") for v, i in zip(values, indices, strict=True)
                 ]
@@ -134,15 +187,83 @@ def predict_rows(
     return rows, skipped
 
 
-def load_image(model: Any, path: Path) -> Any:
-    """``path`` decoded, converted to the run's image mode and transformed."""
+def predict_masks(
+    model: Any,
+    files: Sequence[Path],
+    names: Sequence[str],
+    batch_size: int,
+    folder: Path,
+    out: Path,
+) -> tuple[list[list[str]], list[Path]]:
+    """Write each readable file's mask PNG as ``folder/<its name>``; the CSV rows (file, its
+    mask under ``out``, class shares) and the files skipped (each reported on stderr)."""
+    import torch
+
+    from transferlab.inference import class_shares, mask_png, predicted_masks
+
+    rows: list[list[str]] = []
+    skipped: list[Path] = []
+    name_of = dict(zip(files, names, strict=True))
+    classes = model.class_names
+    with progress_bar(files) as progress, torch.inference_mode():
+        for group in batches(files, batch_size):
+            loaded = load_group(model, group, skipped, progress)
+            if not loaded:
+                continue
+            batch = torch.stack([t for _, _, t in loaded])
+            masks = predicted_masks(model.network, batch, [size for _, size, _ in loaded])
+            for (path, _, _), mask in zip(loaded, masks, strict=True):
+                (folder / name_of[path]).write_bytes(mask_png(mask, classes))
+                shares = class_shares(mask, len(classes))
+                rows.append([str(path), str(out / name_of[path]), *(f"{s:.6f}" for s in shares)])
+    return rows, skipped
+
+
+def mask_names(files: Sequence[Path], root: Path) -> list[str]:
+    """A distinct ``<name>_mask.png`` per file, named as ``transferlab explain`` names its
+    overlays."""
+    from transferlab.explain import SUFFIX, overlay_names
+
+    return [name.removesuffix(SUFFIX) + MASK_SUFFIX for name in overlay_names(files, root)]
+
+
+def progress_bar(files: Sequence[Path]) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=len(files), desc="predict", unit="img", disable=len(files) < PROGRESS_FROM)
+
+
+def load_group(
+    model: Any, group: Sequence[Path], skipped: list[Path], progress: Any
+) -> list[tuple[Path, tuple[int, int], Any]]:
+    """(file, its image's (H, W), its preprocessed tensor) for each readable file of
+    ``group``; the others are appended to ``skipped`` and reported on stderr."""
+    loaded = []
+    for path in group:
+        try:
+            image = read_image(model, path)
+            loaded.append((path, (image.height, image.width), model.transform(image)))
+        except Exception as err:  # any unreadable or corrupt file
+            skipped.append(path)
+            progress.write(f"skipped {path}: {one_line(err)}", file=sys.stderr)
+    progress.update(len(group))
+    return loaded
+
+
+def read_image(model: Any, path: Path) -> Any:
+    """``path`` decoded and converted to the run's image mode."""
     from PIL import Image
 
     from transferlab.data.datasets import to_mode
 
     with Image.open(path) as image:
         image.load()
-        return model.transform(to_mode(image, model.image_mode))
+        return to_mode(image, model.image_mode)
+
+
+def load_image(model: Any, path: Path) -> Any:
+    """``path`` decoded, converted to the run's image mode and transformed."""
+    return model.transform(read_image(model, path))
 
 
 def one_line(err: Exception) -> str:

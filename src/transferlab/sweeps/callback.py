@@ -209,6 +209,7 @@ def crown_champion(client: Any, parent_run_id: str, name: str | None) -> None:
     a null name or a sweep without a best child). A failure is one warning line: the
     sweep's results are recorded already."""
     from transferlab.tracking.model import CHAMPION, register_champion
+    from transferlab.tracking.redact import warn_failed
 
     best = client.get_run(parent_run_id).data.tags.get("sweep.best_run_id")
     if not name or best is None:
@@ -216,13 +217,7 @@ def crown_champion(client: Any, parent_run_id: str, name: str | None) -> None:
     try:
         version = register_champion(client, best, name, tags={"sweep.parent_run_id": parent_run_id})
     except Exception as err:  # a bug or an odd store must not fail a finished sweep
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(
-            f"transferlab: warning: the best model was not registered as {name!r} "
-            f"({type(err).__name__}: {redact_text(reason)})",
-            file=sys.stderr,
-            flush=True,
-        )
+        warn_failed(f"the best model was not registered as {name!r}", err)
         return
     if version is None:
         print(

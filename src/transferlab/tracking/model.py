@@ -1,8 +1,8 @@
 """A run's best model as an MLflow Model, and a sweep's best one registered as the champion.
 
-``log_model`` logs a classification run's best checkpoint as ``runs:/<run id>/model``: a
-pyfunc model that takes raw images and returns class probabilities, preprocessing included
-(the run's eval transform, through ``transferlab.inference.load_trained``).
+``log_model`` logs a run's best checkpoint as ``runs:/<run id>/model``: a pyfunc model that
+takes raw images and returns what ``transferlab predict`` gives for them, preprocessing
+included (the run's eval transform, through ``transferlab.inference.load_trained``).
 
 Input: a DataFrame with one column ``image`` (signature type ``binary``) of encoded image
 files, PNG or JPEG bytes; JSON carries them as base64 (``mlflow models predict``, a serving
@@ -11,10 +11,21 @@ has, and one column type cannot hold both bytes and arrays of varying shape. Fro
 cell may also be a uint8 array (HxW or HxWxC) or base64 text (a CSV input): MLflow passes
 an object column to a binary field unchanged, and the model decodes each cell by its type.
 
-Output: one probability column per class name, then ``predicted``, the most probable class.
+Output of a classification run (``ImageClassifier``): one probability column per class
+name, then ``predicted``, the most probable class.
+
+Output of a segmentation run (``ImageSegmenter``): ``mask``, the predicted class of each
+pixel at the input image's own size as PNG file bytes (the palette PNG ``transferlab
+predict`` writes, byte for byte: pixel values are class indices, the class names are in its
+text chunk ``classes``), then ``share_<class>`` per class, the share of the image's pixels
+predicted as it. PNG bytes rather than an array of indices: a signature column of type
+``binary`` holds a mask of any size, where a tensor spec needs one shape for the whole
+batch; and a mask is a few kB of PNG (base64 in JSON) where nested lists of indices are
+several bytes of JSON per pixel. ``numpy.asarray(PIL.Image.open(io.BytesIO(cell)))`` gives
+the (H, W) indices back.
 
 ``register_champion`` registers a sweep's best child's model and points the alias
-``champion`` at that version.
+``champion`` at that version, whatever the run's task.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import mlflow.pyfunc
 import numpy as np
@@ -43,9 +54,9 @@ if TYPE_CHECKING:
 MODEL_NAME = "model"  # runs:/<run id>/model
 IMAGE_COLUMN = "image"
 PREDICTED_COLUMN = "predicted"
+MASK_COLUMN = "mask"
 RUN_ARTIFACT = "run"  # the model's artifact: a run folder, as load_trained takes it
 CHAMPION = "champion"
-SUPPORTED_TASKS = ("classification",)
 BATCH_SIZE = 64
 EXAMPLE_SIZE = 64  # pixels a side at most: the input example is a test image, shrunk
 # What loading the model needs, pinned to the versions it was logged with. Listed, not
@@ -64,19 +75,43 @@ REQUIREMENTS = (
 MODEL_CODE = """\
 from mlflow.models import set_model
 
-from transferlab.tracking.model import ImageClassifier
+from transferlab.tracking.model import {name}
 
-set_model(ImageClassifier())
+set_model({name}())
 """
 
 
-class ImageClassifier(mlflow.pyfunc.PythonModel):
-    """Images in, class probabilities and the top class out (see the module docstring)."""
+class RunModel(mlflow.pyfunc.PythonModel):
+    """A trained run's best model with its preprocessing: images in (see the module
+    docstring). Subclasses give a task's outputs and their signature."""
+
+    code_file: ClassVar[str] = ""
+    requirements: ClassVar[tuple[str, ...]] = ()
 
     def load_context(self, context: Any) -> None:
         from transferlab.inference import load_trained
 
         self.trained = load_trained(context.artifacts[RUN_ARTIFACT])
+
+    def image_batches(self, model_input: pd.DataFrame) -> Iterator[list[Any]]:
+        """The input's images, decoded, in batches of ``BATCH_SIZE``."""
+        if IMAGE_COLUMN not in model_input:
+            raise ValueError(f"the input has no column {IMAGE_COLUMN!r} of images")
+        cells = list(model_input[IMAGE_COLUMN])
+        mode = self.trained.image_mode
+        for start in range(0, len(cells), BATCH_SIZE):
+            chunk = cells[start : start + BATCH_SIZE]
+            yield [decode_image(cell, start + i, mode) for i, cell in enumerate(chunk)]
+
+    @staticmethod
+    def model_signature(class_names: Sequence[str]) -> ModelSignature:
+        raise NotImplementedError
+
+
+class ImageClassifier(RunModel):
+    """Images in, class probabilities and the top class out."""
+
+    code_file = "image_classifier.py"
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -84,22 +119,88 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         import torch
 
         trained = self.trained
-        if IMAGE_COLUMN not in model_input:
-            raise ValueError(f"the input has no column {IMAGE_COLUMN!r} of images")
-        cells = list(model_input[IMAGE_COLUMN])
         names = list(trained.class_names)
         chunks = [torch.zeros(0, len(names))]
         with torch.inference_mode():
-            for start in range(0, len(cells), BATCH_SIZE):
-                batch = [
-                    trained.transform(decode_image(cell, start + i, trained.image_mode))
-                    for i, cell in enumerate(cells[start : start + BATCH_SIZE])
-                ]
-                chunks.append(trained.network(torch.stack(batch)).float().softmax(1))
+            for images in self.image_batches(model_input):
+                batch = torch.stack([trained.transform(image) for image in images])
+                chunks.append(trained.network(batch).float().softmax(1))
         probs = torch.cat(chunks).double().numpy()
         out = pd.DataFrame(probs, columns=names, index=model_input.index)
         out[PREDICTED_COLUMN] = [names[i] for i in probs.argmax(1)]
         return out
+
+    @staticmethod
+    def model_signature(class_names: Sequence[str]) -> ModelSignature:
+        from mlflow.types import ColSpec, DataType
+
+        if PREDICTED_COLUMN in class_names:
+            raise ValueError(f"a class is named {PREDICTED_COLUMN!r}, as the top-class column is")
+        return image_signature(
+            [ColSpec(DataType.double, name) for name in class_names]
+            + [ColSpec(DataType.string, PREDICTED_COLUMN)]
+        )
+
+
+class ImageSegmenter(RunModel):
+    """Images in, each one's mask (PNG bytes) and class shares out."""
+
+    code_file = "image_segmenter.py"
+    requirements = ("segmentation-models-pytorch", "matplotlib")
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        import torch
+
+        from transferlab.inference import class_shares, mask_png, predicted_masks
+
+        trained = self.trained
+        names = list(trained.class_names)
+        masks = []
+        with torch.inference_mode():
+            for images in self.image_batches(model_input):
+                batch = torch.stack([trained.transform(image) for image in images])
+                sizes = [(image.height, image.width) for image in images]
+                masks.extend(predicted_masks(trained.network, batch, sizes))
+        shares = np.array([class_shares(mask, len(names)) for mask in masks], dtype=np.float64)
+        shares = shares.reshape(len(masks), len(names))
+        columns = {MASK_COLUMN: [mask_png(mask, names) for mask in masks]}
+        columns.update({column: shares[:, i] for i, column in enumerate(share_columns(names))})
+        return pd.DataFrame(columns, index=model_input.index)
+
+    @staticmethod
+    def model_signature(class_names: Sequence[str]) -> ModelSignature:
+        from mlflow.types import ColSpec, DataType
+
+        return image_signature(
+            [ColSpec(DataType.binary, MASK_COLUMN)]
+            + [ColSpec(DataType.double, column) for column in share_columns(class_names)]
+        )
+
+
+# The pyfunc model of each task's runs; other tasks' runs log none.
+MODELS: dict[str, type[RunModel]] = {
+    "classification": ImageClassifier,
+    "segmentation": ImageSegmenter,
+}
+SUPPORTED_TASKS = tuple(MODELS)
+
+
+def share_columns(class_names: Sequence[str]) -> list[str]:
+    from transferlab.inference import SHARE_PREFIX
+
+    return [SHARE_PREFIX + name for name in class_names]
+
+
+def image_signature(outputs: list[Any]) -> ModelSignature:
+    """The ``image`` binary column in, ``outputs`` out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.binary, IMAGE_COLUMN)]), outputs=Schema(outputs)
+    )
 
 
 def decode_image(cell: Any, row: int, mode: str) -> Any:
@@ -135,36 +236,23 @@ def image_from_array(pixels: np.ndarray) -> Any:
     return Image.fromarray(np.ascontiguousarray(pixels))
 
 
-def signature(class_names: Sequence[str]) -> ModelSignature:
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema
-
-    if PREDICTED_COLUMN in class_names:
-        raise ValueError(f"a class is named {PREDICTED_COLUMN!r}, as the top-class column is")
-    return ModelSignature(
-        inputs=Schema([ColSpec(DataType.binary, IMAGE_COLUMN)]),
-        outputs=Schema(
-            [ColSpec(DataType.double, name) for name in class_names]
-            + [ColSpec(DataType.string, PREDICTED_COLUMN)]
-        ),
-    )
-
-
 def example_input(datamodule: Any) -> pd.DataFrame:
     """The first test image as a PNG file."""
     test = datamodule.test_set
     image = test.images.load(int(test.indices[0]))
+    if isinstance(image, tuple):  # a segmentation set's (image, mask)
+        image = image[0]
     image.thumbnail((EXAMPLE_SIZE, EXAMPLE_SIZE))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return pd.DataFrame({IMAGE_COLUMN: [buffer.getvalue()]})
 
 
-def pip_requirements() -> list[str]:
+def pip_requirements(extra: Sequence[str] = ()) -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     pinned = []
-    for name in REQUIREMENTS:
+    for name in (*REQUIREMENTS, *extra):
         try:
             pinned.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
@@ -215,25 +303,29 @@ def no_artifact_progress_bars() -> Iterator[None]:
 
 def log_model(run_id: str, run_folder: Path, checkpoint: Path, datamodule: Any) -> float:
     """Log ``checkpoint`` of the run in ``run_folder`` as ``runs:/<run id>/model`` (the
-    active run's); the seconds it took."""
-    from transferlab.inference import SAVED_CONFIG
+    active run's), the pyfunc model of the run's task (``MODELS``); the seconds it took."""
+    from transferlab.inference import SAVED_CONFIG, run_task, saved_config
 
     started = time.perf_counter()
     active = mlflow.active_run()
     if active is None or active.info.run_id != run_id:
         raise RuntimeError(f"run {run_id} is not MLflow's active run")
+    task = run_task(saved_config(run_folder)).name
+    if task not in MODELS:
+        raise ValueError(f"task={task} runs have no MLflow model")
+    model = MODELS[task]
     with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
         folder = Path(tmp) / RUN_ARTIFACT
         class_names = pack_run_folder(run_folder / SAVED_CONFIG, checkpoint, folder)
-        code = Path(tmp) / "image_classifier.py"
-        code.write_text(MODEL_CODE)
+        code = Path(tmp) / model.code_file
+        code.write_text(MODEL_CODE.format(name=model.__name__))
         mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=code,
             artifacts={RUN_ARTIFACT: str(folder)},
-            signature=signature(class_names),
+            signature=model.model_signature(class_names),
             input_example=example_input(datamodule),
-            pip_requirements=pip_requirements(),
+            pip_requirements=pip_requirements(model.requirements),
         )
     return time.perf_counter() - started
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -139,13 +138,14 @@ def record_results(
 def record_model(
     run: TrackedRun, cfg: DictConfig, task: Task, datamodule: Any, best_path: Path
 ) -> None:
-    """The best checkpoint as the MLflow Model ``runs:/<run id>/model`` (classification runs).
+    """The best checkpoint as the MLflow Model ``runs:/<run id>/model`` (the tasks with a
+    pyfunc model: ``tracking.model.SUPPORTED_TASKS``).
 
     A model that cannot be logged is one warning line, not a failed run: the run's results
     are recorded already.
     """
     from transferlab.tracking.model import MODEL_NAME, SUPPORTED_TASKS, log_model
-    from transferlab.tracking.redact import redact_text
+    from transferlab.tracking.redact import warn_failed
 
     if task.name not in SUPPORTED_TASKS:
         print(f"No MLflow model logged: task={task.name} runs are not supported yet", flush=True)
@@ -153,13 +153,7 @@ def record_model(
     try:
         seconds = log_model(run.run_id, Path(cfg.paths.output_dir), best_path, datamodule)
     except Exception as err:  # a bug or an odd environment must not fail a trained run
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(
-            f"transferlab: warning: the best model was not logged as an MLflow Model "
-            f"({type(err).__name__}: {redact_text(reason)})",
-            file=sys.stderr,
-            flush=True,
-        )
+        warn_failed("the best model was not logged as an MLflow Model", err)
         return
     run.log_metrics({"time/log_model_s": seconds})
     print(f"MLflow model: runs:/{run.run_id}/{MODEL_NAME} (logged in {seconds:.1f} s)", flush=True)

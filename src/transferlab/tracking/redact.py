@@ -114,3 +114,16 @@ def redact_logging() -> None:
     """Redact every log message of this process (Hydra logs each sweep job's overrides)."""
     if logging.getLogRecordFactory() is logging.LogRecord:
         logging.setLogRecordFactory(RedactedRecord)
+
+
+def warn_failed(what: str, err: BaseException) -> None:
+    """One warning line on stderr for a step that failed without failing the run: ``what``
+    (e.g. "the best model was not logged"), the error's type and first line, redacted."""
+    import sys
+
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    print(
+        f"transferlab: warning: {what} ({type(err).__name__}: {redact_text(reason)})",
+        file=sys.stderr,
+        flush=True,
+    )
