@@ -140,6 +140,7 @@ def test_train_records_a_finished_mlflow_run(tmp_path: Path) -> None:
     assert f"{printed['test/acc']:.4f}" in row and "best val/acc" in report.stdout
 
 
+@pytest.mark.slow  # 30-140 s on 2 cores: `make test-slow` runs it
 def test_a_run_started_on_busy_cores_waits_passively(tmp_path: Path) -> None:
     from test_machine import spinners, stop
 
@@ -163,6 +164,7 @@ def test_a_run_started_on_busy_cores_waits_passively(tmp_path: Path) -> None:
     assert tags["speed.omp_wait_policy.why"].startswith("other processes keep")
 
 
+@pytest.mark.slow  # 30-140 s on 2 cores: `make test-slow` runs it
 def test_long_config_values_are_not_cut(tmp_path: Path) -> None:
     long_name = "x" * 400
     result = train(tmp_path, f"tracking.run_name={long_name[:200]}", f"+note={long_name}")
@@ -171,6 +173,7 @@ def test_long_config_values_are_not_cut(tmp_path: Path) -> None:
     assert client_for(tmp_path).get_run(run_id).data.params["note"] == long_name
 
 
+@pytest.mark.slow  # 30-140 s on 2 cores: `make test-slow` runs it
 def test_same_seed_same_metrics_other_seed_differs(tmp_path: Path) -> None:
     runs = [
         train(tmp_path, "tracking=none", f"seed={seed}", name=f"s{i}")
@@ -269,6 +272,7 @@ def test_the_default_run_keeps_its_accuracy(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow  # 30-140 s on 2 cores: `make test-slow` runs it
 def test_an_installed_wheel_runs_from_an_empty_folder(tmp_path: Path) -> None:
     """`pip install .` (not editable): the configs travel inside the package."""
     import sysconfig

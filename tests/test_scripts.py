@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 30-140 s on 2 cores: `make test-slow` runs it
 def test_feature_cache_benchmark_tiny(tmp_path: Path) -> None:
     out = tmp_path / "cache.json"
     result = subprocess.run(
@@ -68,6 +71,7 @@ def test_data_benchmark_tiny(tmp_path: Path) -> None:
         assert rows[0]["loader_train_img_s"] > 0 and rows[0]["model_train_img_s"] > 0
 
 
+@pytest.mark.slow  # 30-140 s on 2 cores: `make test-slow` runs it
 def test_memory_benchmark_tiny(tmp_path: Path) -> None:
     stdout, report = run_script("bench_memory", tmp_path)
     assert "peak RSS" in stdout
@@ -75,6 +79,7 @@ def test_memory_benchmark_tiny(tmp_path: Path) -> None:
     assert report["peak_rss_mib"] >= max(report["rss_per_epoch_mib"])
 
 
+@pytest.mark.slow  # 30-140 s on 2 cores: `make test-slow` runs it
 def test_formats_benchmark_tiny(tmp_path: Path) -> None:
     stdout, report = run_script("bench_formats", tmp_path)
     assert "channels_last_bf16" in stdout
@@ -83,6 +88,7 @@ def test_formats_benchmark_tiny(tmp_path: Path) -> None:
         assert report[phase]["channels_last_bf16_img_s"] > 0
 
 
+@pytest.mark.slow  # 30-140 s on 2 cores: `make test-slow` runs it
 def test_end_to_end_benchmark_tiny(tmp_path: Path) -> None:
     stdout, report = run_script("bench_end_to_end", tmp_path)
     assert "plain / transferlab" in stdout and report["cpu"]
@@ -95,6 +101,7 @@ def test_end_to_end_benchmark_tiny(tmp_path: Path) -> None:
     assert report["speedup_wall_s"] > 0
 
 
+@pytest.mark.slow  # 30-140 s on 2 cores: `make test-slow` runs it
 def test_wait_policy_benchmark_tiny(tmp_path: Path) -> None:
     stdout, report = run_script("bench_wait_policy", tmp_path)
     assert "shared cores" in stdout
@@ -106,6 +113,7 @@ def test_wait_policy_benchmark_tiny(tmp_path: Path) -> None:
     assert all(row["second_img_s"] > 0 for row in report["shared"][1:])
 
 
+@pytest.mark.slow  # 30-140 s on 2 cores: `make test-slow` runs it
 def test_overhead_benchmark_tiny_segmentation(tmp_path: Path) -> None:
     stdout, report = run_script(
         "bench_overhead", tmp_path, "--task", "segmentation", "--batch-size", "4",
