@@ -59,13 +59,15 @@ class MaskedArrays:
     """Images and masks in memory: uint8 (N, H, W, 3) images and integer (N, H, W) masks.
 
     ``items`` optionally records where each scene's content came from (for generated data:
-    the Fashion-MNIST indices pasted into it, -1 padded).
+    the Fashion-MNIST indices pasted into it, -1 padded); ``instances`` optionally which item
+    each pixel shows (k: the item ``items[:, k - 1]``, 0: none).
     """
 
     images: np.ndarray
     masks: np.ndarray
     class_names: tuple[str, ...]
     items: np.ndarray | None = None
+    instances: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[3] != 3:
@@ -76,6 +78,10 @@ class MaskedArrays:
             raise ValueError(f"masks {self.masks.shape} do not match images {self.images.shape}")
         if not np.issubdtype(self.masks.dtype, np.integer):
             raise ValueError(f"expected integer masks, got {self.masks.dtype}")
+        if self.instances is not None and self.instances.shape != self.masks.shape:
+            raise ValueError(
+                f"instances {self.instances.shape} do not match masks {self.masks.shape}"
+            )
         object.__setattr__(self, "class_names", tuple(self.class_names))
 
     def __len__(self) -> int:
@@ -165,6 +171,7 @@ ITEMS_PER_SCENE = (2, 5)
 ITEM_THRESHOLD = 20
 SPLIT_KEYS = ("train", "val", "test")
 SCENE_ARRAYS = tuple(f"{key}_{part}" for key in SPLIT_KEYS for part in ("images", "masks", "items"))
+SCENE_INSTANCES = tuple(f"{key}_instances" for key in SPLIT_KEYS)
 
 
 def fmnist_scenes(
@@ -176,6 +183,7 @@ def fmnist_scenes(
     cache_dir: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
     download: bool = True,
+    with_instances: bool = False,
 ) -> tuple[MaskedArrays, MaskedArrays, MaskedArrays, tuple[str, ...]]:
     """Seeded scenes of 2-5 Fashion-MNIST items on crops of scikit-image's photographs.
 
@@ -191,6 +199,8 @@ def fmnist_scenes(
     ``.npz`` under ``cache_dir`` (default ``$XDG_CACHE_HOME/transferlab/fmnist_scenes``, or
     ``$TRANSFERLAB_DATA/fmnist_scenes`` when that is set); a corrupt cache file is regenerated.
     ``root`` and ``download`` find Fashion-MNIST as the ``fashion_mnist`` source does.
+    ``with_instances``: every split carries its ``instances`` maps (a cache written before
+    they were stored is regenerated, to the same images and masks).
     """
     counts = {"train": train_scenes, "val": val_scenes, "test": test_scenes}
     for key, count in counts.items():
@@ -199,14 +209,19 @@ def fmnist_scenes(
     if int(size) < 32:
         raise UserError(f"data.image_size={size} is too small for fmnist_scenes: use 32 or more")
     path = scenes_cache_path(seed, counts, size, cache_dir)
-    arrays = _read_scenes(path, counts, size)
+    required = SCENE_ARRAYS + (SCENE_INSTANCES if with_instances else ())
+    arrays = _read_scenes(path, counts, size, required)
     if arrays is None:
         source = fashion_mnist(root=Path(root).expanduser() if root else None, download=download)
         arrays = _generate_scenes(int(seed), counts, int(size), source)
         _write_scenes(path, arrays)
     splits = [
         MaskedArrays(
-            arrays[f"{key}_images"], arrays[f"{key}_masks"], SCENE_CLASSES, arrays[f"{key}_items"]
+            arrays[f"{key}_images"],
+            arrays[f"{key}_masks"],
+            SCENE_CLASSES,
+            arrays[f"{key}_items"],
+            arrays.get(f"{key}_instances"),
         )
         for key in SPLIT_KEYS
     ]
@@ -228,14 +243,16 @@ def scenes_cache_path(
     return folder / f"fmnist_scenes_v{SCENES_FORMAT}_seed{int(seed)}_n{n}_s{int(size)}.npz"
 
 
-def _read_scenes(path: Path, counts: dict[str, int], size: int) -> dict[str, np.ndarray] | None:
+def _read_scenes(
+    path: Path, counts: dict[str, int], size: int, required: Sequence[str] = SCENE_ARRAYS
+) -> dict[str, np.ndarray] | None:
     """The cached arrays, or None when the file is missing, corrupt or of other parameters."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
-        missing = sorted(set(SCENE_ARRAYS) - set(arrays))
+        missing = sorted(set(required) - set(arrays))
         if missing:
             raise ValueError(f"no {', '.join(missing)}")
         for key in SPLIT_KEYS:
@@ -243,6 +260,11 @@ def _read_scenes(path: Path, counts: dict[str, int], size: int) -> dict[str, np.
             expected = (int(counts[key]), int(size), int(size))
             if images.shape != (*expected, 3) or masks.shape != expected:
                 raise ValueError(f"{key} arrays have shape {images.shape}, expected {expected}")
+            instances = arrays.get(f"{key}_instances")
+            if instances is not None and instances.shape != expected:
+                raise ValueError(
+                    f"{key} instances have shape {instances.shape}, expected {expected}"
+                )
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         log.warning("Regenerating the corrupt scene cache %s (%s)", path, _one_line(exc))
         return None
@@ -265,7 +287,7 @@ def _write_scenes(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def _generate_scenes(
     seed: int, counts: dict[str, int], size: int, source: RawSplits
 ) -> dict[str, np.ndarray]:
-    """Every split's images, masks and item indices, from the seed alone."""
+    """Every split's images, masks, item indices and instance maps, from the seed alone."""
     photos = scene_photos()
     pools = {"train": source.train, "val": source.train, "test": source.test}
     orders = {
@@ -287,10 +309,11 @@ def _generate_scenes(
         if key == "train":
             start["val"] = stop
         pool = pools[key]
-        images, masks, items = _render_split(
+        images, masks, items, instances = _render_split(
             pool.images, pool.labels, orders[key][start[key] : stop], per_scene, photos, size, rng
         )
         arrays |= {f"{key}_images": images, f"{key}_masks": masks, f"{key}_items": items}
+        arrays[f"{key}_instances"] = instances
     return arrays
 
 
@@ -319,21 +342,24 @@ def _render_split(
     photos: Sequence[np.ndarray],
     size: int,
     rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The scenes of one split: images (N,S,S,3), masks (N,S,S) and item indices (N,5)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The scenes of one split: images (N,S,S,3), masks (N,S,S), item indices (N,5) and
+    instance maps (N,S,S: k where the k-th item pasted shows, 0 elsewhere)."""
     n = len(per_scene)
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     masks = np.zeros((n, size, size), dtype=np.uint8)
+    instances = np.zeros((n, size, size), dtype=np.uint8)
     items = np.full((n, ITEMS_PER_SCENE[1]), -1, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(per_scene)])
     for scene in range(n):
         chosen = picked[offsets[scene] : offsets[scene + 1]]
         items[scene, : len(chosen)] = chosen
         canvas = _background(photos[rng.integers(len(photos))], size, rng)
-        for index in chosen:
-            _paste_item(canvas, masks[scene], item_images[index], int(item_labels[index]), rng)
+        for k, index in enumerate(chosen, start=1):
+            item, label = item_images[index], int(item_labels[index])
+            _paste_item(canvas, masks[scene], item, label, rng, instances[scene], k)
         images[scene] = np.round(canvas).astype(np.uint8)
-    return images, masks, items
+    return images, masks, items, instances
 
 
 def _background(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -347,9 +373,16 @@ def _background(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
 
 
 def _paste_item(
-    canvas: np.ndarray, mask: np.ndarray, item: np.ndarray, label: int, rng: np.random.Generator
+    canvas: np.ndarray,
+    mask: np.ndarray,
+    item: np.ndarray,
+    label: int,
+    rng: np.random.Generator,
+    instances: np.ndarray | None = None,
+    instance: int = 0,
 ) -> None:
-    """Paste one item, scaled and tinted, over ``canvas`` and write ``label + 1`` into ``mask``."""
+    """Paste one item, scaled and tinted, over ``canvas`` and write ``label + 1`` into ``mask``
+    (and ``instance`` into ``instances``, when given)."""
     size = canvas.shape[0]
     side = int(rng.integers(round(size * 3 / 16), size // 2 + 1))
     top, left = int(rng.integers(size - side + 1)), int(rng.integers(size - side + 1))
@@ -361,6 +394,8 @@ def _paste_item(
     region = canvas[top : top + side, left : left + side]
     region[foreground] = shade[foreground]
     mask[top : top + side, left : left + side][foreground] = label + 1
+    if instances is not None:
+        instances[top : top + side, left : left + side][foreground] = instance
 
 
 # ----------------------------------------------------------------------------- user folders
