@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -13,6 +15,8 @@ from clitools import SMOKE, transferlab
 from PIL import Image
 
 from transferlab.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Two corruptions at two severities on 48 test images: every part of the suite, cheaply.
 SMALL_SUITE = [
@@ -153,3 +157,11 @@ def test_train_with_the_suite_compares_clean_and_shifted_side_by_side(tmp_path: 
     assert "shift/mean/acc" in table.stdout and "shift/relative_drop/acc" in table.stdout
     rows = (tmp_path / "compare" / "comparison.csv").read_text().splitlines()
     assert len(rows) == 2  # the training run; its evaluation is not a row of its own
+    figure = tmp_path / "robustness.png"
+    drawn = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "robustness_figure.py"), "--experiment",
+         "shifted", "--out", str(figure)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    assert figure.stat().st_size > 10_000
