@@ -165,3 +165,27 @@ def test_train_with_the_suite_compares_clean_and_shifted_side_by_side(tmp_path: 
     )  # fmt: skip
     assert drawn.returncode == 0, drawn.stderr[-2000:]
     assert figure.stat().st_size > 10_000
+
+
+def test_a_run_whose_folder_is_gone_is_loaded_from_its_mlflow_artifacts(
+    place, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    cwd, _, run_id = place
+    folder = Path(client_at(cwd).get_run(run_id).data.tags["output_dir"])  # the shared run's
+    moved = tmp_path / "elsewhere"
+    shutil.move(folder, moved)  # another machine, or a cleaned disk (put back below)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(cwd)
+    try:
+        assert main(["eval", f"run={run_id}"]) == 0
+    finally:
+        shutil.move(moved, folder)
+    out = capsys.readouterr().out
+    assert "Downloaded run" in out
+    downloaded = tmp_path / "cache" / "transferlab" / "runs" / run_id
+    assert (downloaded / ".hydra" / "config.yaml").is_file()
+    assert len(list((downloaded / "checkpoints").glob("best-*.ckpt"))) == 1
+    client = client_at(cwd)
+    evaluation = client.get_run(run_id_of(out))
+    trained = client.get_run(run_id).data.metrics
+    assert evaluation.data.metrics["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)

@@ -111,11 +111,61 @@ def locate(target: str, store_dir: str | Path) -> tuple[Path, Path, str | None]:
 
 
 def run_id_folder(run_id: str, store_dir: str | Path) -> Path:
-    from transferlab.resume import run_id_folder as output_folder
+    """The run's output folder; when it is gone (another machine, a cleaned disk), its config
+    and best checkpoint downloaded from the run's MLflow artifacts instead."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
 
-    folder = output_folder(run_id, store_dir, f"run={run_id}")
-    if not (folder / SAVED_CONFIG).is_file():
-        raise UserError(f"run={run_id}: its output folder {folder} has no {SAVED_CONFIG}")
+    from transferlab.resume import run_id_folder as output_folder
+    from transferlab.tracking.store import existing_store_uri
+
+    label = f"run={run_id}"
+    uri = existing_store_uri(store_dir)
+    try:
+        output_dir = mlflow.MlflowClient(uri).get_run(run_id).data.tags.get("output_dir")
+    except MlflowException:
+        output_dir = None  # output_folder says what is wrong
+    if output_dir and (Path(output_dir) / SAVED_CONFIG).is_file():
+        return output_folder(run_id, store_dir, label)
+    if output_dir is None:
+        output_folder(run_id, store_dir, label)  # raises: no such run
+    return downloaded_run(run_id, uri)
+
+
+def downloaded_run(run_id: str, uri: str) -> Path:
+    """A local copy of run ``run_id``'s saved config and best checkpoint (its ``config/`` and
+    ``checkpoints/`` artifacts), kept in ``$XDG_CACHE_HOME/transferlab/runs/<run id>``."""
+    import os
+    import shutil
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = cache / "transferlab" / "runs" / run_id
+    if (folder / SAVED_CONFIG).is_file() and list((folder / CHECKPOINTS).glob(BEST_CHECKPOINT)):
+        return folder
+    partial = folder.with_name(f".{run_id}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    client = mlflow.MlflowClient(uri)
+    try:
+        for artifacts in ("config", CHECKPOINTS):
+            client.download_artifacts(run_id, artifacts, str(partial))
+    except (MlflowException, OSError) as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"run={run_id}: its output folder is gone and its config/checkpoint artifacts "
+            f"could not be downloaded ({reason}); was it logged with tracking.log_checkpoint=false?"
+        ) from None
+    (partial / "config").rename(partial / SAVED_CONFIG.parent)
+    if not (partial / SAVED_CONFIG).is_file():
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(f"run={run_id}: its config artifact has no {SAVED_CONFIG.name}")
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    print(f"Downloaded run {run_id}'s config and best checkpoint into {folder}", flush=True)
     return folder
 
 
