@@ -38,7 +38,7 @@ class SplitDataModule(pl.LightningDataModule):
 
     A subclass's ``setup()`` fills ``class_names`` and ``train_set``, ``val_set`` and
     ``test_set`` (datasets with ``images`` and ``indices``, whose images can
-    ``update_hash``), and gives a ``summary()``.
+    ``update_hash``); ``source``, ``data_config`` and ``augment_name`` are set at construction.
     """
 
     def __init__(
@@ -133,6 +133,19 @@ class SplitDataModule(pl.LightningDataModule):
             "num_workers": Setting(self.num_workers, workers_why),
             "pin_memory": Setting(self.pin_memory, pin_why),
             "eval_batch_size": Setting(self.eval_batch_size, batch_why),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """Source, split sizes, classes, input size and augmentation, flat for logging."""
+        self._require_setup()
+        return {
+            "source": self.source,
+            "num_classes": len(self.class_names),
+            "train_size": len(self.train_set),
+            "val_size": len(self.val_set),
+            "test_size": len(self.test_set),
+            "input_size": "x".join(str(v) for v in self.data_config["input_size"]),
+            "augment": self.augment_name,
         }
 
     def fingerprint(self) -> str:
@@ -252,19 +265,6 @@ class TransferDataModule(SplitDataModule):
         self.test_set = ImageDataset(test_images, test_indices, self.eval_transform, mode)
         self.train_set = ImageDataset(raw.train, train_indices, self.train_transform, mode)
         log.info("data: %s", self.summary())
-
-    def summary(self) -> dict[str, Any]:
-        """Source, split sizes, classes and input size, flat for logging."""
-        self._require_setup()
-        return {
-            "source": self.source,
-            "num_classes": len(self.class_names),
-            "train_size": len(self.train_set),
-            "val_size": len(self.val_set),
-            "test_size": len(self.test_set),
-            "input_size": "x".join(str(v) for v in self.data_config["input_size"]),
-            "augment": self.augment_name,
-        }
 
 
 def resolve_num_workers(value: int | str) -> int:

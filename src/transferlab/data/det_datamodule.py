@@ -207,18 +207,8 @@ class DetectionDataModule(SplitDataModule):
         return (images * std + mean).clamp(0, 1)
 
     def summary(self) -> dict[str, Any]:
-        """Source, split sizes (images and boxes), classes and input size, flat for logging."""
-        self._require_setup()
-        return {
-            "source": self.source,
-            "num_classes": len(self.class_names),
-            "train_size": len(self.train_set),
-            "val_size": len(self.val_set),
-            "test_size": len(self.test_set),
-            "train_boxes": self.train_set.box_count(),
-            "input_size": "x".join(str(v) for v in self.data_config["input_size"]),
-            "augment": self.augment_name,
-        }
+        """The split summary, and the number of training boxes."""
+        return {**super().summary(), "train_boxes": self.train_set.box_count()}
 
 
 def _scale(value: Any) -> tuple[float, float]:

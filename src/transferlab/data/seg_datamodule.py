@@ -106,15 +106,3 @@ class SegmentationDataModule(SplitDataModule):
         mean = torch.tensor(self.data_config["mean"]).view(1, -1, 1, 1)
         std = torch.tensor(self.data_config["std"]).view(1, -1, 1, 1)
         return (images * std + mean).clamp(0, 1)
-
-    def summary(self) -> dict[str, Any]:
-        self._require_setup()
-        return {
-            "source": self.source,
-            "num_classes": len(self.class_names),
-            "train_size": len(self.train_set),
-            "val_size": len(self.val_set),
-            "test_size": len(self.test_set),
-            "input_size": "x".join(str(v) for v in self.data_config["input_size"]),
-            "augment": self.augment_name,
-        }
