@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,3 +22,19 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, s
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
     return cwd, folder, run_id
+
+
+@pytest.fixture(autouse=True)
+def mlflow_tracking_uri_restored():
+    """A command run in the test process sets MLflow's tracking URI, and MLflow exports it as
+    MLFLOW_TRACKING_URI to every later subprocess: put it back after each test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)  # None unsets the variable too
+    elif before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
