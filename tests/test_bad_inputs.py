@@ -154,12 +154,17 @@ CONFIG_MISTAKES = [
     ("unknown-model-key", ["+model.foo=1"], "unknown key(s) in model: foo"),
     ("missing-weights-file", ["model.weights=file", "model.weights_file={root}/none.pth"],
      "weights file not found: {root}/none.pth"),
+    ("coco-without-annotations", ["task=detection", "data=coco"],
+     "data=coco needs data.annotations=FILE"),
+    ("missing-coco-file", ["task=detection", "data=coco", "data.annotations={root}/none.json"],
+     "data.annotations={root}/none.json does not exist"),
     ("unresolvable-interpolation", ["optimizer.lr=${nope}"],
      "optimizer.lr: Interpolation key 'nope' not found"),
     # Hydra's own refusals, before the job starts.
     ("unknown-config-option", ["model=nope"], "Available options in 'model': efficientnet_lite0"),
     ("override-syntax", ["optimizer.lr==1"], "Error parsing override 'optimizer.lr==1'"),
     ("key-without-plus", ["optimizer.nope=1"], "To append to your config use +optimizer.nope=1"),
+    ("detector-without-detection", ["detector=retinanet"], "Could not override 'detector'"),
 ]  # fmt: skip
 
 
@@ -260,6 +265,9 @@ def test_every_shipped_option_passes_the_checks(place, tmp_path: Path) -> None:
             overrides.append(f"data.root={place['root'] / 'good'}")
         if option == "seg_folder":
             overrides.append("data.root=/images")
+        if option == "coco":
+            (tmp_path / "train.json").write_text("{}")  # only its existence is checked
+            overrides.append(f"data.annotations={tmp_path / 'train.json'}")
         if option == "inception_v3":  # 64 px is too small for it (test above)
             overrides.append("data.image_size=75")
         check_config(compose_train(tmp_path, *overrides))

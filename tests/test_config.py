@@ -43,8 +43,8 @@ def test_every_option_composes_and_resolves(tmp_path: Path, group: str, option: 
         overrides.append("data.root=/images")
     cfg = compose_train(tmp_path, *overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    segmentation = resolved["task"]["name"] == "segmentation"
-    assert resolved["monitor"] == ("val/miou" if segmentation else "val/acc")
+    monitors = {"segmentation": "val/miou", "detection": "val/map"}
+    assert resolved["monitor"] == monitors.get(resolved["task"]["name"], "val/acc")
     checkpoint = (resolved.get("callbacks") or {}).get("model_checkpoint")
     assert checkpoint is None or checkpoint["monitor"] == resolved["monitor"]
 

@@ -263,7 +263,7 @@ def check_data(data: Mapping[str, Any]) -> None:
     """Sizes, counts and fractions of the ``data`` group, and an image folder's layout."""
     for key in ("batch_size", "image_size", "eval_batch_size", "samples_per_class"):
         _check_positive(data, key, required=key == "batch_size")
-    for key in ("val_per_class", "train_images"):
+    for key in ("val_per_class", "train_images", "images_per_class"):
         _check_positive(data, key)
     for key in ("val_fraction", "test_fraction"):
         value = data.get(key, 0.0)
@@ -280,6 +280,29 @@ def check_data(data: Mapping[str, Any]) -> None:
 
         root = data.get("root")
         image_folder_layout(Path(root).expanduser() if root not in (None, "", "???") else None)
+    if data.get("source") == "coco":
+        check_coco_files(data)
+
+
+COCO_FILES = ("annotations", "val_annotations", "test_annotations")
+
+
+def check_coco_files(data: Mapping[str, Any]) -> None:
+    """``data=coco`` names its training annotations, and every annotation file it names exists
+    (relative paths from ``data.root``, as ``data.detection.coco_detection`` reads them)."""
+    if not data.get("annotations"):
+        raise UserError("data=coco needs data.annotations=FILE (a COCO-format JSON)")
+    root = data.get("root")
+    for key in COCO_FILES:
+        if not data.get(key):
+            continue
+        path = Path(str(data[key])).expanduser()
+        if root and not path.is_absolute():
+            path = Path(str(root)).expanduser() / path
+        if not path.is_file():
+            raise UserError(
+                f"data.{key}={path} does not exist: point it at a COCO-format JSON file"
+            )
 
 
 def check_model(model: Any, data: Mapping[str, Any]) -> None:

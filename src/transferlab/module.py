@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -13,7 +13,10 @@ from torch import nn
 from transferlab.finetune import FinetuneStrategy, build_strategy
 from transferlab.optim import OptimizerFactory, SchedulerFactory, apply_lr_mult
 from transferlab.runtime import Runtime
-from transferlab.tasks import Task, build_task
+from transferlab.tasks import Step, Task, build_task
+
+if TYPE_CHECKING:
+    from torchmetrics import Metric
 
 
 @contextlib.contextmanager
@@ -36,15 +39,30 @@ def metric_updates(device: torch.device) -> Iterator[None]:
         torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
+def in_fp32(outputs: Any) -> Any:
+    """``outputs`` with every floating-point tensor in fp32, in lists, tuples and dicts too
+    (a detector's per-image boxes and scores); other values as they are."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, Mapping):
+        return {key: in_fp32(value) for key, value in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(in_fp32(value) for value in outputs)
+    return outputs
+
+
 class TransferModule(pl.LightningModule):
     """Trains ``network`` (``.backbone`` + ``.head``) with the task's loss and metrics.
 
     The task (classification by default) gives the loss, the metrics, the batch's target
-    key and the test state its report needs. The fine-tuning strategy (also a callback of
-    the Trainer) decides the parameter groups and their learning-rate multipliers, and which
-    of them train in each epoch. Batches are dicts: ``image``, or ``features`` when the
-    feature cache serves the head alone, plus the target. ``runtime`` sets the memory format
-    of the network and its inputs, and the precision of validation and test.
+    key and the test state its report needs; its ``training_step`` and ``evaluation_step``
+    hooks turn a batch into its loss and the outputs the metrics take (by default the
+    network on the images; a detector also takes the targets in training). The fine-tuning
+    strategy (also a callback of the Trainer) decides the parameter groups and their
+    learning-rate multipliers, and which of them train in each epoch. Batches are dicts:
+    ``image``, or ``features`` when the feature cache serves the head alone, plus the
+    target. ``runtime`` sets the memory format of the network and its inputs, and the
+    precision of validation and test.
     """
 
     def __init__(
@@ -82,57 +100,75 @@ class TransferModule(pl.LightningModule):
             {"loss": {"label_smoothing": label_smoothing}}
         )
         metrics = self.task.metrics(num_classes)
-        self.train_metrics = metrics.clone(prefix="train/")
+        train_metrics = self.task.train_metrics(num_classes)
+        self.train_metrics = None if train_metrics is None else train_metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.test_state = nn.ModuleDict(self.task.test_state(num_classes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(self.runtime.inputs(x))
+    def forward(self, x: torch.Tensor, *targets: Any) -> Any:
+        """The network on images ``x`` in the runtime's memory format; ``targets``: what a
+        network takes besides the images (a detector's boxes, in training)."""
+        return self.network(self.runtime.inputs(x), *targets)
 
-    def outputs(self, batch: Mapping[str, Any]) -> torch.Tensor:
+    def outputs(self, batch: Mapping[str, Any]) -> Any:
         """The network's outputs for a batch: cached features go through the head alone."""
         if "features" in batch:
             return self.network.head(batch["features"])
         return self(batch["image"])
 
-    def infer(self, batch: Mapping[str, Any]) -> torch.Tensor:
+    def infer(self, batch: Mapping[str, Any]) -> Any:
         """Outputs for evaluation, in fp32 whatever precision computed them."""
         with self.runtime.inference(self.device.type):
-            return self.outputs(batch).float()
+            return in_fp32(self.outputs(batch))
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int):
-        target = batch[self.task.target]
-        outputs = self.outputs(batch)
-        loss = self.criterion(outputs, target)
-        with metric_updates(outputs.device):
-            self.train_metrics.update(outputs, target)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        step = self.task.training_step(self, batch)
+        self.record("train", step, batch, self.train_metrics)
+        loss = step.loss
         return loss if loss.requires_grad else None  # None: nothing trains (a solved probe)
 
     def on_train_epoch_end(self) -> None:
-        self.log_dict(self.train_metrics.compute())
-        self.train_metrics.reset()
+        if self.train_metrics is not None:
+            self.log_dict(self.train_metrics.compute())
+            self.train_metrics.reset()
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        target = batch[self.task.target]
-        outputs = self.infer(batch)
-        self.log("val/loss", self.criterion(outputs, target), on_epoch=True)
-        with metric_updates(outputs.device):
-            self.val_metrics.update(outputs, target)
+        self.record("val", self.task.evaluation_step(self, batch), batch, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        step = self.task.evaluation_step(self, batch)
+        self.record("test", step, batch, self.test_metrics, *self.test_state.values())
+
+    def record(
+        self, split: str, step: Step, batch: Mapping[str, Any], *metrics: Metric | None
+    ) -> None:
+        """Log ``step``'s loss and its terms, and update ``metrics`` with its outputs."""
+        size = len(batch[self.task.target])
+        if step.loss is not None:
+            training = split == "train"
+            self.log(
+                f"{split}/loss",
+                step.loss,
+                on_step=training,
+                on_epoch=True,
+                prog_bar=training,
+                batch_size=size,
+            )
+        if step.terms:
+            terms = {f"{split}/{name}": value.detach() for name, value in step.terms.items()}
+            self.log_dict(terms, on_step=False, on_epoch=True, batch_size=size)
+        if step.outputs is None:
+            return
         target = batch[self.task.target]
-        outputs = self.infer(batch)
-        self.log("test/loss", self.criterion(outputs, target), on_epoch=True)
-        with metric_updates(outputs.device):
-            self.test_metrics.update(outputs, target)
-            for metric in self.test_state.values():
-                metric.update(outputs, target)
+        with metric_updates(self.device):
+            for metric in metrics:
+                if metric is not None:
+                    metric.update(step.outputs, target)
 
     def on_test_epoch_start(self) -> None:
         self.test_metrics.reset()

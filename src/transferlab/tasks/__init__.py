@@ -1,4 +1,4 @@
-"""Tasks: what differs between classification, segmentation and the tasks to come.
+"""Tasks: what differs between classification, segmentation, detection and the tasks to come.
 
 A task owns its network's new parts, its loss, its metrics, its batch format, its data and
 its test report (``Task``); everything else (weight sources, freezing strategies,
@@ -7,6 +7,6 @@ A new task is a new module here, registered with ``@register_task``, plus
 ``conf/task/<name>.yaml``.
 """
 
-from transferlab.tasks.base import TASKS, Task, build_task, register_task
+from transferlab.tasks.base import TASKS, Step, Task, build_task, register_task
 
-__all__ = ["TASKS", "Task", "build_task", "register_task"]
+__all__ = ["TASKS", "Step", "Task", "build_task", "register_task"]

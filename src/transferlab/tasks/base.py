@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 
 from transferlab.errors import UserError
 
@@ -14,10 +15,27 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
     from torchmetrics import Metric, MetricCollection
 
+    from transferlab.module import TransferModule
     from transferlab.tracking import TrackedRun
 
 TASKS: dict[str, type[Task]] = {}
-BUILT_IN = ("classification", "segmentation")
+BUILT_IN = ("classification", "segmentation", "detection")
+
+
+@dataclass
+class Step:
+    """What one batch gives the module: the loss to train on or log, and the outputs the
+    split's metrics update with.
+
+    ``loss`` is None where the outputs carry no loss (a detector's detections in
+    validation: no ``val/loss``); ``outputs`` is None where the split has no metrics (a
+    detector's training step, which returns losses, not detections); ``terms`` are parts
+    of the loss, logged per epoch as ``<split>/<name>``.
+    """
+
+    loss: Tensor | None
+    outputs: Any
+    terms: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
@@ -65,12 +83,31 @@ class Task:
         raise NotImplementedError
 
     def criterion(self, cfg: Any) -> nn.Module:
-        """The training loss, called as ``criterion(outputs, target)``."""
+        """The training loss (``module.criterion``); the default steps call it as
+        ``criterion(outputs, target)``."""
         raise NotImplementedError
 
     def metrics(self, num_classes: int) -> MetricCollection:
-        """Metrics accumulated over a whole split, cloned with ``train/``, ``val/``, ``test/``."""
+        """Metrics accumulated over a whole split, cloned with ``val/`` and ``test/`` (and
+        ``train/``, unless ``train_metrics`` says otherwise)."""
         raise NotImplementedError
+
+    def train_metrics(self, num_classes: int) -> MetricCollection | None:
+        """The metrics accumulated over the training split: ``metrics``; None for none (where
+        they would need an extra forward pass)."""
+        return self.metrics(num_classes)
+
+    def training_step(self, module: TransferModule, batch: Mapping[str, Any]) -> Step:
+        """A training batch's loss and the outputs for the train metrics: the network's
+        outputs (the head's alone on cached features) and ``criterion(outputs, target)``."""
+        outputs = module.outputs(batch)
+        return Step(module.criterion(outputs, batch[self.target]), outputs)
+
+    def evaluation_step(self, module: TransferModule, batch: Mapping[str, Any]) -> Step:
+        """A validation or test batch's loss and outputs, in the run's eval precision
+        (``module.infer``)."""
+        outputs = module.infer(batch)
+        return Step(module.criterion(outputs, batch[self.target]), outputs)
 
     def test_state(self, num_classes: int) -> dict[str, Metric]:
         """Extra metrics accumulated over the test split for the report (e.g. a confusion matrix)."""

@@ -8,6 +8,7 @@ evaluates them once, in ``compute``.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,9 @@ from torchmetrics.detection import MeanAveragePrecision
 SCORES = ("map", "map_50", "map_75", "mar_100")
 PR_IOU = 0.5  # the IoU threshold of the precision-recall curves
 
+# faster-coco-eval logs COCOeval's 12-line summary at INFO for every split evaluated.
+logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
+
 
 class DetectionScores(MeanAveragePrecision):
     """``map`` (AP at IoU .50:.95), ``map_50``, ``map_75`` and ``mar_100`` (recall with 100
@@ -26,7 +30,9 @@ class DetectionScores(MeanAveragePrecision):
     for the report (:meth:`per_class_ap`, :meth:`pr_curves`).
 
     ``update(preds, targets)``: per image, ``{"boxes": [N, 4] xyxy, "scores": [N],
-    "labels": [N]}`` and ``{"boxes", "labels"}`` (the batch's ``target``), labels 1..C.
+    "labels": [N]}`` and ``{"boxes", "labels"}`` (the batch's ``target``), labels 1..C,
+    with ``iscrowd`` where the target has it: a detection matching a crowd region is
+    neither a hit nor a false positive, and crowd regions need not be found (COCO's rule).
     A class without ground truth in the split is left out of the means (COCO's rule).
     """
 
@@ -47,7 +53,7 @@ class DetectionScores(MeanAveragePrecision):
     ) -> None:
         super().update(
             [{k: p[k].detach() for k in ("boxes", "scores", "labels")} for p in preds],
-            [{k: t[k] for k in ("boxes", "labels")} for t in target],
+            [{k: t[k] for k in ("boxes", "labels", "iscrowd") if k in t} for t in target],
         )
 
     def compute(self) -> dict[str, Tensor]:
@@ -77,6 +83,16 @@ class DetectionScores(MeanAveragePrecision):
             if 0 <= label < self.num_classes and ap >= 0:
                 values[label] = ap
         return values
+
+    def per_class_boxes(self) -> list[int]:
+        """The number of ground-truth boxes of each class index 0..C-1 the split had (crowd
+        regions not counted)."""
+        counts = [0] * self.num_classes
+        for labels, crowds in zip(self.groundtruth_labels, self.groundtruth_crowds, strict=True):
+            for label in labels[crowds == 0].tolist():
+                if 0 <= label < self.num_classes:
+                    counts[label] += 1
+        return counts
 
     def pr_curves(self) -> dict[int, tuple[Tensor, Tensor]]:
         """Per class with ground truth: (recall, precision) at IoU 0.5 over COCO's 101 recall

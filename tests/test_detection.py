@@ -1,0 +1,281 @@
+"""task=detection: the task seam's hooks, the freezing strategies on a detector, and runs
+through the real CLI (fmnist_scenes, a sweep compared by mAP, and a COCO file)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from clitools import transferlab
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+from PIL import Image
+
+from transferlab import CONF_DIR
+from transferlab.build import build_parts
+from transferlab.checks import check_config
+from transferlab.errors import UserError
+from transferlab.finetune.stages import backbone_stages
+from transferlab.module import in_fp32
+from transferlab.tasks import build_task
+
+# A tiny detection run: 64 px scenes, a few batches of one epoch.
+TINY = [
+    "task=detection",
+    "data.image_size=64",
+    "data.train_images=8",
+    "data.batch_size=4",
+    "data.eval_batch_size=8",
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=1",
+    "+trainer.limit_test_batches=1",
+]
+METRICS = {"test/map", "test/map_50", "test/map_75", "test/mar_100"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def scene_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The generated scenes (with their instances, for boxes) in a folder of this module's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRANSFERLAB_DATA", str(tmp_path_factory.mktemp("data")))
+        yield
+
+
+def tiny_config(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR)):
+        cfg = compose("train", overrides=[*TINY, *overrides])
+    with open_dict(cfg):
+        cfg.paths.root = cfg.paths.output_dir = str(tmp_path)
+    return cfg
+
+
+def client_for(folder: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
+
+
+# ----------------------------------------------------------------------------- config, seam
+
+
+@pytest.mark.parametrize("detector", ["fcos", "retinanet", "fasterrcnn"])
+def test_detector_picks_the_head_and_the_task_its_data_and_monitor(
+    tmp_path: Path, detector: str
+) -> None:
+    cfg = tiny_config(tmp_path, f"detector={detector}", "model=resnet18")
+    assert cfg.task.detector == detector and cfg.task.image_size == 64  # from data.image_size
+    assert cfg.data.source == "fmnist_scenes" and cfg.monitor == "val/map"
+    assert cfg.callbacks.model_checkpoint.monitor == "val/map"
+    task = build_task(dict(cfg.task))
+    assert task.detector == detector and not task.supports_feature_cache
+    assert task.compare_metrics[0] == "test/map"
+
+
+def test_detection_config_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="choose detector= from fcos, retinanet"):
+        build_task({"name": "detection", "detector": "yolo"})
+    with pytest.raises(UserError, match="not a detection source"):
+        with initialize_config_dir(config_dir=str(CONF_DIR)):
+            digits = compose("train", overrides=["task=detection", "data=digits"])
+        build_task({"name": "detection"}).build_datamodule(digits)
+    shifted = tiny_config(tmp_path, "shift=corruptions")
+    with pytest.raises(UserError, match="shift=corruptions does not support task=detection"):
+        build_task({"name": "detection"}).build_datamodule(shifted)
+    with pytest.raises(UserError, match=r"data=coco needs data\.annotations"):  # before torch
+        check_config(tiny_config(tmp_path, "data=coco"))
+    missing = tiny_config(
+        tmp_path, "data=coco", "data.annotations=nope.json", f"data.root={tmp_path}"
+    )
+    with pytest.raises(UserError, match=r"data\.annotations=.*nope\.json does not exist"):
+        check_config(missing)
+
+
+def test_eval_outputs_in_fp32_keep_integer_labels() -> None:
+    detections = [
+        {
+            "boxes": torch.ones(2, 4, dtype=torch.bfloat16),
+            "scores": torch.ones(2, dtype=torch.bfloat16),
+            "labels": torch.tensor([1, 2]),
+        }
+    ]
+    converted = in_fp32(detections)
+    assert converted[0]["boxes"].dtype == converted[0]["scores"].dtype == torch.float32
+    assert converted[0]["labels"].dtype == torch.int64
+    assert in_fp32(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.float32
+
+
+def test_detections_on_crowd_regions_are_neither_hits_nor_false_positives() -> None:
+    metrics = build_task({"name": "detection"}).metrics(3)
+    person, crowd = [10.0, 10, 40, 60], [50.0, 0, 100, 100]
+    hit = {
+        "boxes": torch.tensor([person]),
+        "scores": torch.tensor([0.6]),
+        "labels": torch.tensor([1]),
+    }
+    on_crowd = {
+        "boxes": torch.tensor([person, [55.0, 5, 95, 95]]),
+        "scores": torch.tensor([0.6, 0.9]),
+        "labels": torch.tensor([1, 1]),
+    }
+    flagged = {
+        "boxes": torch.tensor([person, crowd]),
+        "labels": torch.tensor([1, 1]),
+        "iscrowd": torch.tensor([0, 1]),
+    }
+    values = metrics([on_crowd], [flagged])
+    assert values["map"].item() == pytest.approx(1.0)  # the crowd detection is ignored
+    assert metrics["scores"].per_class_boxes() == [0, 1, 0]  # the crowd is not a box to find
+    metrics.reset()
+    unflagged = {"boxes": torch.tensor([person]), "labels": torch.tensor([1])}
+    assert metrics([on_crowd], [unflagged])["map"].item() < 1.0  # a false positive otherwise
+    metrics.reset()
+    assert metrics([hit], [unflagged])["map"].item() == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- strategies
+
+# finetune option -> the backbone stages that stay frozen in the first epoch (None: all).
+FROZEN_STAGES = {
+    "linear_probe": None,
+    "partial": 2,
+    "gradual": None,
+    "lp_ft": None,
+    "full": 0,
+    "from_scratch": 0,
+}
+
+
+@pytest.mark.parametrize("finetune", list(FROZEN_STAGES))
+def test_each_strategy_trains_exactly_its_parameters_on_a_detector(
+    tmp_path: Path, finetune: str
+) -> None:
+    import pytorch_lightning as pl
+
+    cfg = tiny_config(tmp_path, f"finetune={finetune}", "model.pretrained=false")
+    torch.manual_seed(0)
+    parts = build_parts(cfg)
+    assert parts.fit_data is parts.datamodule  # no feature cache for a detector
+    network = parts.network
+    stages = backbone_stages(network.backbone)
+    frozen = len(stages) if FROZEN_STAGES[finetune] is None else FROZEN_STAGES[finetune]
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[parts.strategy],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(parts.module, datamodule=parts.datamodule)
+    after = network.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    head = {f"head.{k}" for k, _ in network.head.named_parameters()}
+    assert head <= moved  # the FPN and the detector always train
+    for i, names in enumerate(stages):
+        stage_moved = {f"backbone.{n}" for n in names} & moved
+        if i < frozen:
+            assert not stage_moved, (finetune, i)
+        else:
+            assert stage_moved, (finetune, i)
+    if frozen == len(stages):  # statistics too: a frozen backbone is in eval mode
+        assert not any(k.startswith("backbone.") for k in moved)
+
+
+# ----------------------------------------------------------------------------- CLI runs
+
+
+def test_a_sweep_of_detectors_records_map_and_compares_runs_by_it(tmp_path: Path) -> None:
+    result = transferlab(
+        "train", "-m", *TINY, "detector=fcos,retinanet", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "faster_coco_eval" not in result.stdout  # COCOeval's summaries stay quiet
+    client = client_for(tmp_path)
+    experiment = client.get_experiment_by_name("transferlab").experiment_id
+    children = [
+        run for run in client.search_runs([experiment]) if "mlflow.parentRunId" in run.data.tags
+    ]
+    assert {run.data.params["task.detector"] for run in children} == {"fcos", "retinanet"}
+    for run in children:
+        metrics = run.data.metrics
+        assert run.info.status == "FINISHED"
+        assert METRICS | {"best/val/map", "val/map", "train/loss_classification"} <= set(metrics)
+        assert "val/loss" not in metrics and "train/map" not in metrics
+        assert 0.0 <= metrics["test/map"] <= metrics["test/map_50"] <= 1.0
+        assert run.data.tags["task"] == "detection"
+        files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "test")}
+        assert {"per_class_ap.csv", "predictions.png", "pr_curves.png"} <= files
+    table = (tmp_path / "sweep" / "comparison.md").read_text()
+    header = table.splitlines()[0]
+    assert "best val/map" in header and "test/map_50" in header and "test/acc" not in header
+    compared = transferlab("compare", str(tmp_path / "sweep"), cwd=tmp_path)
+    assert compared.returncode == 0 and "test/map" in compared.stdout
+    run_id = children[0].info.run_id
+    local = Path(client.download_artifacts(run_id, "test/per_class_ap.csv", str(tmp_path)))
+    rows = local.read_text().splitlines()
+    assert rows[0] == "class,ap,ap_50,boxes" and rows[1].startswith("T-shirt/top,")
+    assert len(rows) == 11  # the ten classes, not the background
+
+
+CATEGORIES = [{"id": 1, "name": "square"}, {"id": 2, "name": "bar"}]
+
+
+def coco_split(folder: Path, name: str, first_id: int, count: int, crowd: bool = False) -> Path:
+    """``count`` 48x40 images with a bright square and a bar each, and their COCO JSON."""
+    rng = np.random.default_rng(first_id)
+    images, annotations = [], []
+    for image_id in range(first_id, first_id + count):
+        pixels = np.full((40, 48, 3), 30, dtype=np.uint8)
+        x, y = (int(v) for v in rng.integers(0, 20, 2))
+        pixels[y : y + 12, x : x + 12] = (250, 40, 40)
+        pixels[30:36, 4:44] = (40, 40, 250)
+        Image.fromarray(pixels).save(folder / f"{image_id}.png")
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 48, "height": 40})
+        annotations.append({"image_id": image_id, "category_id": 1, "bbox": [x, y, 12, 12]})
+        annotations.append({"image_id": image_id, "category_id": 2, "bbox": [4, 30, 40, 6]})
+    if crowd:
+        annotations.append(
+            {"image_id": first_id, "category_id": 1, "bbox": [30, 0, 18, 25], "iscrowd": 1}
+        )
+    for i, annotation in enumerate(annotations):
+        annotation |= {"id": first_id * 100 + i, "iscrowd": annotation.get("iscrowd", 0)}
+        annotation["area"] = annotation["bbox"][2] * annotation["bbox"][3]
+    path = folder / name
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES})
+    )
+    return path
+
+
+def test_a_coco_file_trains_through_the_cli_into_a_finished_run(tmp_path: Path) -> None:
+    data = tmp_path / "coco"
+    data.mkdir()
+    coco_split(data, "train.json", 1, 6)
+    coco_split(data, "val.json", 20, 2, crowd=True)
+    coco_split(data, "test.json", 30, 3, crowd=True)
+    result = transferlab(
+        "train", "task=detection", "data=coco", f"data.root={data}", "data.annotations=train.json",
+        "data.val_annotations=val.json", "data.test_annotations=test.json", "data.image_size=64",
+        "data.batch_size=3", "trainer.max_epochs=1", "finetune=linear_probe",
+        f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Feature cache on" not in result.stdout
+    run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
+    client = client_for(tmp_path)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert set(run.data.metrics) >= METRICS
+    assert run.data.params["data.source"] == "coco"
+    assert "'test_size': 3" in run.data.tags["data.summary"]
+    files = {Path(a.path).name for a in client.list_artifacts(run_id, "test")}
+    assert "predictions.png" in files
+    local = Path(client.download_artifacts(run_id, "test/per_class_ap.csv", str(tmp_path)))
+    rows = local.read_text().splitlines()
+    assert rows[0] == "class,ap,ap_50,boxes" and len(rows) == 3
+    # Three test images, each with one square and one bar; the crowd region is not a box.
+    assert rows[1].startswith("square,") and rows[1].endswith(",3")
+    assert rows[2].startswith("bar,") and rows[2].endswith(",3")
