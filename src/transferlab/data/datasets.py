@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from transferlab.data.sources import ImageSet
+from transferlab.data.sources import IMAGE_ERRORS, ImageSet, UnreadableImageError, _one_line
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -31,6 +32,21 @@ def to_mode(image: Image.Image, mode: str) -> Image.Image:
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     return image.convert(mode)
+
+
+def decode_rgb(path: Path) -> Image.Image:
+    """The image file at ``path`` decoded to RGB as stored (no EXIF rotation: masks and boxes
+    are drawn on the stored pixels); a file PIL cannot read is one line naming it."""
+    try:
+        with Image.open(path) as image:
+            rgb = to_mode(image, "RGB")
+            rgb.load()
+    except IMAGE_ERRORS as exc:
+        raise UnreadableImageError(
+            f"cannot decode image {path} ({type(exc).__name__}: {_one_line(exc)}): "
+            "remove or replace it"
+        ) from exc
+    return rgb
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from transferlab.data.datasets import to_mode
+from transferlab.data.datasets import decode_rgb
 from transferlab.data.segmentation import SCENE_CLASSES, fmnist_scenes
 from transferlab.data.sources import IMAGE_ERRORS, UnreadableImageError, _one_line
 from transferlab.errors import UserError
@@ -155,15 +155,7 @@ class BoxedFiles:
 
     def load(self, index: int) -> tuple[Image.Image, np.ndarray, np.ndarray]:
         path = self.image_paths[index]
-        try:
-            with Image.open(path) as image:
-                rgb = to_mode(image, "RGB")
-                rgb.load()
-        except IMAGE_ERRORS as exc:
-            raise UnreadableImageError(
-                f"cannot decode image {path} ({type(exc).__name__}: {_one_line(exc)}): "
-                "remove or replace it"
-            ) from exc
+        rgb = decode_rgb(path)
         width, height = self.sizes[index]
         if rgb.size != (width, height):
             raise UnreadableImageError(

@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from transferlab.data.datasets import to_mode
+from transferlab.data.datasets import decode_rgb
 from transferlab.data.sources import (
     FASHION_MNIST_CLASSES,
     IMAGE_ERRORS,
@@ -119,15 +119,7 @@ class MaskedFiles:
 
     def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
         path = self.image_paths[index]
-        try:
-            with Image.open(path) as image:
-                rgb = to_mode(image, "RGB")
-                rgb.load()
-        except IMAGE_ERRORS as exc:
-            raise UnreadableImageError(
-                f"cannot decode image {path} ({type(exc).__name__}: {_one_line(exc)}): "
-                "remove or replace it"
-            ) from exc
+        rgb = decode_rgb(path)
         return rgb, read_mask(self.mask_paths[index]).astype(np.int64)
 
     def update_hash(self, digest: hashlib._Hash, indices: np.ndarray) -> None:

@@ -80,3 +80,23 @@ def feature_dim(backbone: nn.Module) -> int:
     """Size of what a ``num_classes=0`` timm model returns: the pre-logits width when it has
     one (``head_hidden_size``: vgg, mobilenetv3), else ``num_features``."""
     return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+
+
+def feature_indices(backbone: nn.Module, strides: list[int], task: str) -> list[int]:
+    """The indices of ``backbone.feature_info`` at ``strides`` (the last map of each), which
+    the ``task``'s head needs; a backbone without them is one line naming the choices."""
+    info = getattr(backbone, "feature_info", None)
+    if not info or not hasattr(backbone, "forward_intermediates"):
+        raise UserError(
+            f"model {type(backbone).__name__} has no multi-scale features for {task}; "
+            "choose a convolutional timm backbone (efficientnet_lite0, resnet18, ...)"
+        )
+    by_stride = {int(entry["reduction"]): i for i, entry in enumerate(info)}
+    missing = [s for s in strides if s not in by_stride]
+    if missing:
+        raise UserError(
+            f"model {type(backbone).__name__} gives features at strides {sorted(by_stride)}, "
+            f"but {task} needs {list(strides)}: choose a convolutional backbone "
+            "(efficientnet_lite0, resnet18, mobilenetv3_large_100, ...)"
+        )
+    return [by_stride[s] for s in strides]

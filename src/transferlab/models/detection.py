@@ -54,7 +54,7 @@ from torchvision.ops.feature_pyramid_network import (
 )
 
 from transferlab.errors import UserError
-from transferlab.models.backbone import create_timm_model
+from transferlab.models.backbone import create_timm_model, feature_indices
 from transferlab.models.config import ModelConfig
 from transferlab.models.weights import load_pretrained
 
@@ -262,7 +262,7 @@ class DetectionNet(nn.Module):
                 f"{GROUP_NORM_GROUPS} (the heads' GroupNorm groups)"
             )
         strides = [s for s in BACKBONE_STRIDES if s >= kind.smallest_stride]
-        self.indices = feature_indices(backbone, strides)
+        self.indices = feature_indices(backbone, strides, "detection")
         backbone.prune_intermediate_layers(self.indices, prune_head=True)
         self.backbone = backbone
         extra = pyramid_extra_strides(kind, image_size)
@@ -407,25 +407,6 @@ def pyramid_extra_strides(kind: DetectorKind, image_size: int) -> list[int]:
             break
         extra.append(stride)
     return extra
-
-
-def feature_indices(backbone: nn.Module, strides: list[int]) -> list[int]:
-    """The indices of ``backbone.feature_info`` at ``strides`` (the last map of each)."""
-    info = getattr(backbone, "feature_info", None)
-    if not info or not hasattr(backbone, "forward_intermediates"):
-        raise UserError(
-            f"model {type(backbone).__name__} has no multi-scale features for detection; "
-            "choose a convolutional timm backbone (efficientnet_lite0, resnet18, ...)"
-        )
-    by_stride = {int(entry["reduction"]): i for i, entry in enumerate(info)}
-    missing = [s for s in strides if s not in by_stride]
-    if missing:
-        raise UserError(
-            f"model {type(backbone).__name__} gives features at strides {sorted(by_stride)}, "
-            f"but the detector needs {strides}: choose a convolutional backbone "
-            "(efficientnet_lite0, resnet18, mobilenetv3_large_100, ...)"
-        )
-    return [by_stride[s] for s in strides]
 
 
 def _check_options(detector: str, kind: DetectorKind, options: Mapping[str, Any]) -> None:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from transferlab.errors import UserError
-from transferlab.models.backbone import create_timm_model
+from transferlab.models.backbone import create_timm_model, feature_indices
 from transferlab.models.config import ModelConfig
 from transferlab.models.weights import load_pretrained
 
@@ -70,7 +70,7 @@ class SegmentationNet(nn.Module):
         super().__init__()
         if decoder not in DECODERS:
             raise UserError(f"unknown task.decoder {decoder!r}: choose from {', '.join(DECODERS)}")
-        self.indices = feature_indices(backbone)
+        self.indices = feature_indices(backbone, list(STRIDES), "segmentation")
         channels = [3, *(backbone.feature_info[i]["num_chs"] for i in self.indices)]
         backbone.prune_intermediate_layers(self.indices, prune_head=True)
         self.backbone = backbone
@@ -97,25 +97,6 @@ class SegmentationNet(nn.Module):
         if logits.shape[-2:] != x.shape[-2:]:  # FPN and DeepLabV3+ predict at stride 4
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits
-
-
-def feature_indices(backbone: nn.Module) -> list[int]:
-    """The indices of ``backbone.feature_info`` at strides 2-32 (the last map of each)."""
-    info = getattr(backbone, "feature_info", None)
-    if not info or not hasattr(backbone, "forward_intermediates"):
-        raise UserError(
-            f"model {type(backbone).__name__} has no multi-scale features for segmentation; "
-            "choose a convolutional timm backbone (efficientnet_lite0, resnet18, ...)"
-        )
-    by_stride = {int(entry["reduction"]): i for i, entry in enumerate(info)}
-    missing = [s for s in STRIDES if s not in by_stride]
-    if missing:
-        strides = sorted(by_stride)
-        raise UserError(
-            f"model {type(backbone).__name__} gives features at strides {strides}, but the "
-            f"decoders need {list(STRIDES)}: choose a convolutional backbone (a ViT needs DPT)"
-        )
-    return [by_stride[s] for s in STRIDES]
 
 
 def build_segmenter(
