@@ -492,6 +492,7 @@ def test_coco_datamodule_few_images_and_collate(tmp_path: Path) -> None:
         ({"augment": {"name": "basic", "scale": [0.9, 0.2]}}, "augment.scale"),
         ({"strict": "yes"}, "data.strict"),
         ({"val_fraction": 1.5}, "data.val_fraction"),
+        ({"val_fraction": 0.5, "test_fraction": 0.5}, "leave no training images"),
     ],
 )
 def test_datamodule_rejects_bad_keys(kwargs: dict, match: str) -> None:

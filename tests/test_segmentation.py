@@ -16,6 +16,7 @@ from omegaconf import open_dict
 
 from transferlab import CONF_DIR
 from transferlab.build import build_parts
+from transferlab.data.seg_datamodule import SegmentationDataModule
 from transferlab.errors import UserError
 from transferlab.models import build_classifier
 from transferlab.models.segmentation import build_segmenter
@@ -164,6 +165,22 @@ def test_segmentation_data_refuses_classification_sources() -> None:
         cfg = compose("train", overrides=["task=segmentation", "data=digits"])
     with pytest.raises(UserError, match="not a segmentation source"):
         build_parts(cfg)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"augment": {"name": "randaugment"}},
+            "augment=randaugment is not available for segmentation",
+        ),
+        ({"val_fraction": 0.0}, "data.val_fraction=0.0 must be between 0 and 1"),
+        ({"val_fraction": 0.6, "test_fraction": 0.4}, "leave no training images"),
+    ],
+)
+def test_segmentation_datamodule_rejects_bad_keys(kwargs: dict, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        SegmentationDataModule("fmnist_scenes", batch_size=2, **kwargs)
 
 
 def transferlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -167,6 +167,36 @@ class SplitDataModule(pl.LightningDataModule):
     def _require_setup(self) -> None:
         if self.train_set is None:
             raise RuntimeError("TransferDataModule.setup() has not run yet")
+
+    def _choose_source_and_augment(
+        self,
+        task: str,
+        source: str,
+        sources: Sequence[str],
+        augment: Mapping[str, Any] | None,
+        augments: Sequence[str],
+    ) -> None:
+        """Set ``source``, ``augment`` and ``augment_name``, each checked against what the
+        ``task``'s data module serves; either unknown is one line naming the choices."""
+        if source not in sources:
+            raise UserError(
+                f"data={source} is not a {task} source: choose data= from "
+                f"{', '.join(sorted(sources))} with task={task}"
+            )
+        self.source = source
+        self.augment = dict(augment or {"name": "none"})
+        self.augment_name = str(self.augment.get("name", "none"))
+        if self.augment_name not in augments:
+            raise UserError(
+                f"augment={self.augment_name} is not available for {task}: choose "
+                f"{', '.join(augments)}"
+            )
+
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalized image batches back to 0-1 RGB, for figures."""
+        mean = torch.tensor(self.data_config["mean"]).view(1, -1, 1, 1)
+        std = torch.tensor(self.data_config["std"]).view(1, -1, 1, 1)
+        return (images * std + mean).clamp(0, 1)
 
 
 class TransferDataModule(SplitDataModule):

@@ -8,13 +8,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from transferlab.data import splits
 from transferlab.data.datamodule import SplitDataModule, _check_positive
 from transferlab.data.det_dataset import DetectionDataset, detection_collate
 from transferlab.data.det_transforms import create_det_eval_transform, create_det_train_transform
 from transferlab.data.detection import DET_SOURCES, DetSourceOptions, load_det_source
+from transferlab.data.splits import check_fractions
 from transferlab.data.transforms import resolve_data_config
 from transferlab.errors import UserError
 
@@ -100,11 +100,7 @@ class DetectionDataModule(SplitDataModule):
         download: bool = True,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, seed)
-        if source not in DET_SOURCES:
-            raise UserError(
-                f"data={source} is not a detection source: choose data= from "
-                f"{', '.join(sorted(DET_SOURCES))} with task=detection"
-            )
+        self._choose_source_and_augment("detection", source, DET_SOURCES, augment, DET_AUGMENTS)
         for key, value in (
             ("train_images", train_images),
             ("images_per_class", images_per_class),
@@ -124,10 +120,7 @@ class DetectionDataModule(SplitDataModule):
             )
         if not isinstance(strict, bool):
             raise UserError(f"data.strict={strict!r} must be true or false")
-        for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0 < float(value) < 1:
-                raise UserError(f"data.{key}={value} must be between 0 and 1 (exclusive)")
-        self.source = source
+        val_fraction, test_fraction = check_fractions(val_fraction, test_fraction)
         self.train_images = None if train_images is None else int(train_images)
         self.images_per_class = None if per_class is None else int(per_class)
         self.data_config = resolve_data_config(data_config, image_size)
@@ -140,20 +133,13 @@ class DetectionDataModule(SplitDataModule):
             val_images=val_images,
             test_annotations=test_annotations,
             test_images=test_images,
-            val_fraction=float(val_fraction),
-            test_fraction=float(test_fraction),
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
             strict=strict,
             image_size=size,
             seed=self.seed,
             download=bool(download),
         )
-        self.augment = dict(augment or {"name": "none"})
-        self.augment_name = str(self.augment.get("name", "none"))
-        if self.augment_name not in DET_AUGMENTS:
-            raise UserError(
-                f"augment={self.augment_name} is not available for detection: choose "
-                f"{', '.join(DET_AUGMENTS)}"
-            )
         mean, std = self.data_config["mean"], self.data_config["std"]
         self.eval_transform = create_det_eval_transform(size, mean, std)
         if self.augment_name == "basic":
@@ -199,12 +185,6 @@ class DetectionDataModule(SplitDataModule):
 
     def _loader_options(self) -> dict[str, Any]:
         return {**super()._loader_options(), "collate_fn": detection_collate}
-
-    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalized image batches back to 0-1 RGB, for figures."""
-        mean = torch.tensor(self.data_config["mean"]).view(1, -1, 1, 1)
-        std = torch.tensor(self.data_config["std"]).view(1, -1, 1, 1)
-        return (images * std + mean).clamp(0, 1)
 
     def summary(self) -> dict[str, Any]:
         """The split summary, and the number of training boxes."""

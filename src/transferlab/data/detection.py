@@ -24,6 +24,7 @@ from PIL import Image
 from transferlab.data.datasets import decode_rgb
 from transferlab.data.segmentation import SCENE_CLASSES, fmnist_scenes
 from transferlab.data.sources import IMAGE_ERRORS, UnreadableImageError, _one_line
+from transferlab.data.splits import check_fractions
 from transferlab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -554,12 +555,6 @@ def _coco_split(
     )
 
 
-def _check_fraction(key: str, value: float) -> float:
-    if not 0 < float(value) < 1:
-        raise UserError(f"data.{key}={value} must be between 0 and 1 (exclusive)")
-    return float(value)
-
-
 def _carve(
     train: BoxedFiles,
     missing: Sequence[str],
@@ -569,14 +564,15 @@ def _carve(
     where: Path,
 ) -> dict[str, BoxedFiles]:
     """Each missing val/test split drawn from ``train`` (test with a fixed seed), and the rest."""
-    fractions = {"val": val_fraction, "test": test_fraction}
+    fractions = dict(
+        zip(("val", "test"), check_fractions(val_fraction, test_fraction), strict=True)
+    )
     pool = np.arange(len(train), dtype=np.int64)
     carved: dict[str, BoxedFiles] = {}
     for split in ("test", "val"):
         if split not in missing:
             continue
-        fraction = _check_fraction(f"{split}_fraction", fractions[split])
-        count = max(1, round(fraction * len(train)))
+        count = max(1, round(fractions[split] * len(train)))
         if count >= len(pool):
             raise UserError(
                 f"{where} has only {len(train)} images: too few to carve "

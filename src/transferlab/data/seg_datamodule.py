@@ -6,12 +6,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
 
 from transferlab.data.datamodule import SplitDataModule, _check_positive
 from transferlab.data.seg_dataset import SegmentationDataset
 from transferlab.data.seg_transforms import create_seg_eval_transform, create_seg_train_transform
 from transferlab.data.segmentation import IGNORE_INDEX, fmnist_scenes, seg_folder
+from transferlab.data.splits import check_fractions
 from transferlab.data.transforms import resolve_data_config
 from transferlab.errors import UserError
 
@@ -46,26 +46,15 @@ class SegmentationDataModule(SplitDataModule):
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, seed)
-        if source not in SEG_SOURCES:
-            raise UserError(
-                f"data={source} is not a segmentation source: choose data= from "
-                f"{', '.join(SEG_SOURCES)} with task=segmentation"
-            )
+        self._choose_source_and_augment("segmentation", source, SEG_SOURCES, augment, SEG_AUGMENTS)
         _check_positive("train_images", train_images)
         _check_positive("samples_per_class", samples_per_class)
-        self.source, self.root = source, root
+        self.root = root
         self.train_images, self.samples_per_class = train_images, samples_per_class
-        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
+        self.val_fraction, self.test_fraction = check_fractions(val_fraction, test_fraction)
         self.ignore_index = int(ignore_index)
         self.data_config = resolve_data_config(data_config, image_size)
         size = int(self.data_config["input_size"][1])
-        self.augment = dict(augment or {"name": "none"})
-        self.augment_name = str(self.augment.get("name", "none"))
-        if self.augment_name not in SEG_AUGMENTS:
-            raise UserError(
-                f"augment={self.augment_name} is not available for segmentation: choose "
-                f"{', '.join(SEG_AUGMENTS)}"
-            )
         mean, std = self.data_config["mean"], self.data_config["std"]
         self.eval_transform = create_seg_eval_transform(size, mean, std)
         self.train_transform = (
@@ -100,9 +89,3 @@ class SegmentationDataModule(SplitDataModule):
         self.train_set = SegmentationDataset(train, np.sort(order), self.train_transform)
         self.val_set = SegmentationDataset(val, np.arange(len(val)), self.eval_transform)
         self.test_set = SegmentationDataset(test, np.arange(len(test)), self.eval_transform)
-
-    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalized image batches back to 0-1 RGB, for figures."""
-        mean = torch.tensor(self.data_config["mean"]).view(1, -1, 1, 1)
-        std = torch.tensor(self.data_config["std"]).view(1, -1, 1, 1)
-        return (images * std + mean).clamp(0, 1)

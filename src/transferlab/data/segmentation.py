@@ -31,6 +31,7 @@ from transferlab.data.sources import (
     _one_line,
     fashion_mnist,
 )
+from transferlab.data.splits import check_fractions
 from transferlab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -417,7 +418,7 @@ def seg_folder(
         raise UserError(
             f"data.root={folder} does not exist: point it at a folder with {MASK_LAYOUT}"
         )
-    _check_fractions(val_fraction, test_fraction)
+    check_fractions(val_fraction, test_fraction)
     declared = _declared_classes(folder, num_classes)
     if (folder / "train").is_dir():
         val_dir = next((folder / n for n in VAL_DIR_NAMES if (folder / n).is_dir()), None)
@@ -446,17 +447,6 @@ def seg_folder(
     carved = _carve(sets["train"], split_seed, val_fraction, test_fraction, sets.keys(), folder)
     sets |= carved
     return sets["train"], sets["val"], sets["test"], names
-
-
-def _check_fractions(val_fraction: float, test_fraction: float) -> None:
-    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0 < float(value) < 1:
-            raise UserError(f"data.{key}={value} must be between 0 and 1 (exclusive)")
-    if float(val_fraction) + float(test_fraction) >= 1:
-        raise UserError(
-            f"data.val_fraction={val_fraction} + data.test_fraction={test_fraction} leave no "
-            "training images: make their sum less than 1"
-        )
 
 
 def _declared_classes(folder: Path, num_classes: int | None) -> tuple[str, ...] | None:

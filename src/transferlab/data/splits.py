@@ -11,6 +11,8 @@ import logging
 
 import numpy as np
 
+from transferlab.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Purposes keep the random streams of the different selections apart.
@@ -85,3 +87,17 @@ def sample_per_class(
 
 def _name(label: int, class_names: tuple[str, ...] | None) -> str:
     return class_names[label] if class_names and label < len(class_names) else str(label)
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> tuple[float, float]:
+    """``data.val_fraction`` and ``data.test_fraction`` as floats, each in (0, 1) and
+    together leaving training images."""
+    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 < float(value) < 1:
+            raise UserError(f"data.{key}={value} must be between 0 and 1 (exclusive)")
+    if float(val_fraction) + float(test_fraction) >= 1:
+        raise UserError(
+            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} leave no "
+            "training images: make their sum less than 1"
+        )
+    return float(val_fraction), float(test_fraction)
