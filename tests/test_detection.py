@@ -260,10 +260,12 @@ def test_a_coco_file_trains_through_the_cli_into_a_finished_run(tmp_path: Path) 
         "train", "task=detection", "data=coco", f"data.root={data}", "data.annotations=train.json",
         "data.val_annotations=val.json", "data.test_annotations=test.json", "data.image_size=64",
         "data.batch_size=3", "trainer.max_epochs=1", "finetune=linear_probe",
+        "shift=corruptions", "shift.corruptions=[gaussian_noise,rotate]", "shift.severities=[5]",
         f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Feature cache on" not in result.stdout
+    assert "rotate left out" in result.stdout  # it would move the pixels off their boxes
     run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
     client = client_for(tmp_path)
     run = client.get_run(run_id)
@@ -273,6 +275,16 @@ def test_a_coco_file_trains_through_the_cli_into_a_finished_run(tmp_path: Path) 
     assert "'test_size': 3" in run.data.tags["data.summary"]
     files = {Path(a.path).name for a in client.list_artifacts(run_id, "test")}
     assert "predictions.png" in files
+    # The corruption suite ran through the detection task's evaluation step, without the
+    # geometric corruption; one corruption at one severity is the whole mean.
+    assert {"shift/gaussian_noise/map", "shift/mean/map", "shift/relative_drop/map"} <= set(
+        run.data.metrics
+    )
+    assert not any(key.startswith("shift/rotate") for key in run.data.metrics)
+    history = client.get_metric_history(run_id, "shift/gaussian_noise/map")
+    assert [point.step for point in history] == [5]
+    assert 0.0 <= history[0].value <= 1.0
+    assert run.data.metrics["shift/mean/map"] == pytest.approx(history[0].value)
     local = Path(client.download_artifacts(run_id, "test/per_class_ap.csv", str(tmp_path)))
     rows = local.read_text().splitlines()
     assert rows[0] == "class,ap,ap_50,boxes" and len(rows) == 3

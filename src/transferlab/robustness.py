@@ -117,9 +117,10 @@ def headline_metric(task: Task) -> str:
     return task.compare_metrics[0].split("/", 1)[1]
 
 
-def split_metrics(module: Any, task: Task, dataset: Any, batch_size: int) -> dict[str, float]:
-    """The task's metrics over ``dataset`` (no prefix), computed as the test step computes
-    them (the module's eval precision and memory format), without Lightning."""
+def split_metrics(module: Any, task: Task, dataset: Any, datamodule: Any) -> dict[str, float]:
+    """The task's metrics over ``dataset`` (no prefix), through the task's
+    ``evaluation_step`` as in testing (the module's eval precision and memory format), in
+    the data module's eval batches, without Lightning."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -127,13 +128,15 @@ def split_metrics(module: Any, task: Task, dataset: Any, batch_size: int) -> dic
 
     metrics = task.metrics(module.hparams.num_classes).to(module.device)
     module.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = DataLoader(
+        dataset, batch_size=batch_size(datamodule), collate_fn=datamodule.collate_fn
+    )
     with torch.inference_mode():
         for batch in loader:
-            target = batch[task.target].to(module.device)
-            outputs = module.infer({"image": batch["image"].to(module.device)})
-            with metric_updates(outputs.device):
-                metrics.update(outputs, target)
+            batch = module.transfer_batch_to_device(batch, module.device, 0)
+            step = task.evaluation_step(module, batch)
+            with metric_updates(module.device):
+                metrics.update(step.outputs, batch[task.target])
     return {name: float(value) for name, value in metrics.compute().items()}
 
 
@@ -154,9 +157,7 @@ def run_suite(
     metric = headline_metric(task)
     clean = {key.removeprefix("test/"): float(value) for key, value in clean.items()}
     if plan.limit is not None:  # the clean value on the same images
-        clean = split_metrics(
-            module, task, limited(datamodule.test_set, plan.limit), batch_size(datamodule)
-        )
+        clean = split_metrics(module, task, limited(datamodule.test_set, plan.limit), datamodule)
     results = ShiftResults(plan, metric, clean)
     passes = [(c, s) for c in plan.corruptions for s in plan.severities]
     images = len(limited(datamodule.test_set, plan.limit))
@@ -169,9 +170,7 @@ def run_suite(
         for corruption, severity in progress:
             progress.set_postfix_str(f"{corruption} {severity}")
             dataset = task.shifted_test_set(datamodule, corruption, severity, plan.seed)
-            scores = split_metrics(
-                module, task, limited(dataset, plan.limit), batch_size(datamodule)
-            )
+            scores = split_metrics(module, task, limited(dataset, plan.limit), datamodule)
             results.shifted.setdefault(corruption, {})[severity] = scores
     return results
 
@@ -182,7 +181,7 @@ def for_task(plan: ShiftPlan, task: Task) -> ShiftPlan:
 
     from transferlab.shift import GEOMETRIC
 
-    if not task.per_pixel_targets:
+    if not task.spatial_targets:
         return plan
     kept = tuple(c for c in plan.corruptions if c not in GEOMETRIC)
     left_out = [c for c in plan.corruptions if c in GEOMETRIC]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,9 @@ class SplitDataModule(pl.LightningDataModule):
     ``test_set`` (datasets with ``images`` and ``indices``, whose images can
     ``update_hash``); ``source``, ``data_config`` and ``augment_name`` are set at construction.
     """
+
+    # How a loader's samples become a batch; None: PyTorch's default (stacked tensors).
+    collate_fn: Callable[[list[Any]], Any] | None = None
 
     def __init__(
         self,
@@ -105,6 +108,7 @@ class SplitDataModule(pl.LightningDataModule):
             "num_workers": self.num_workers,
             "persistent_workers": self.num_workers > 0,
             "pin_memory": self.pin_memory,
+            "collate_fn": self.collate_fn,
         }
 
     def loader_settings(self) -> dict[str, Setting]:

@@ -73,6 +73,8 @@ class DetectionDataModule(SplitDataModule):
     ``{"image": [B, 3, S, S], "target": [B dicts]}``.
     """
 
+    collate_fn = staticmethod(detection_collate)
+
     def __init__(
         self,
         source: str,
@@ -182,9 +184,6 @@ class DetectionDataModule(SplitDataModule):
         self.val_set = DetectionDataset(val, np.arange(len(val)), self.eval_transform)
         self.test_set = DetectionDataset(test, np.arange(len(test)), self.eval_transform)
         log.info("data: %s", self.summary())
-
-    def _loader_options(self) -> dict[str, Any]:
-        return {**super()._loader_options(), "collate_fn": detection_collate}
 
     def summary(self) -> dict[str, Any]:
         """The split summary, and the number of training boxes."""

@@ -19,8 +19,6 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
-from transferlab.data.seg_transforms import ImageOnly
-
 Target = dict[str, torch.Tensor]
 
 
@@ -129,11 +127,3 @@ def create_det_train_transform(
     if float(hflip) > 0:
         steps.append(v2.RandomHorizontalFlip(float(hflip)))
     return DetTransform([*steps, *_sanitized(), *_to_normalized(mean, std)])
-
-
-def with_det_image_step(transform: DetTransform, step: Any) -> DetTransform:
-    """``transform`` with ``step`` (a PIL-image corruption) on the image right after its first
-    (resizing) step, before the float conversion; boxes pass it unchanged, so only
-    photometric steps keep them true."""
-    steps = list(transform.pipeline.transforms)
-    return DetTransform([steps[0], ImageOnly(step), *steps[1:]])

@@ -113,8 +113,10 @@ class ImageOnly(v2.Transform):
         return tv_tensors.Image(F.pil_to_tensor(changed))
 
 
-def with_image_step(transform: SegTransform, step: Any) -> SegTransform:
-    """``transform`` with ``step`` on the image right after its first (resizing) step, before
-    the float conversion and normalisation."""
+def with_image_step(transform: Any, step: Any) -> Any:
+    """A paired ``transform`` (``SegTransform``, ``DetTransform``: built from a list of v2
+    steps) with ``step`` on the image alone right after its first (resizing) step, before
+    the float conversion and normalisation. Masks and boxes pass ``step`` unchanged, so only
+    photometric steps keep them true."""
     steps = list(transform.pipeline.transforms)
-    return SegTransform([steps[0], ImageOnly(step), *steps[1:]])
+    return type(transform)([steps[0], ImageOnly(step), *steps[1:]])

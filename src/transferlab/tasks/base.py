@@ -63,7 +63,7 @@ class Task:
     # Whether cached pooled backbone features can stand in for images (a frozen backbone).
     supports_feature_cache: ClassVar[bool] = False
     # Whether targets are per pixel, so geometric corruptions (shift.GEOMETRIC) do not apply.
-    per_pixel_targets: ClassVar[bool] = False
+    spatial_targets: ClassVar[bool] = False
     # The test metrics a sweep's comparison table shows, most important first.
     compare_metrics: ClassVar[tuple[str, ...]] = ()
 
@@ -123,6 +123,29 @@ class Task:
 
         ``module.test_state`` holds what ``test_state`` accumulated over the test split.
         """
+
+
+def photometric_test_set(
+    task: Task, datamodule: Any, corruption: str, severity: int, seed: int
+) -> Any:
+    """The test split with ``corruption`` on each image alone after resizing, for a task
+    whose targets sit on pixels (masks, boxes) and whose eval transform is a paired v2
+    pipeline; a geometric corruption (``shift.GEOMETRIC``) would move the pixels off their
+    targets and is one line."""
+    import copy
+
+    from transferlab.data.seg_transforms import with_image_step
+    from transferlab.shift import GEOMETRIC, Corruption
+
+    if corruption in GEOMETRIC:
+        raise UserError(
+            f"shift corruption {corruption} moves pixels away from their targets: choose "
+            f"photometric corruptions for task={task.name}"
+        )
+    shifted = copy.copy(datamodule.test_set)
+    step = Corruption(corruption, severity, seed)
+    shifted.transform = with_image_step(datamodule.eval_transform, step)
+    return shifted
 
 
 def construct_datamodule(factory: Callable[..., Any], cfg: Any, **extra: Any) -> Any:

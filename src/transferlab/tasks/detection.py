@@ -24,7 +24,13 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from transferlab.errors import UserError
-from transferlab.tasks.base import Step, Task, construct_datamodule, register_task
+from transferlab.tasks.base import (
+    Step,
+    Task,
+    construct_datamodule,
+    photometric_test_set,
+    register_task,
+)
 
 REPORT_IMAGES = 8
 # Predicted boxes drawn on the report's test images: those scoring at least this (the
@@ -46,6 +52,7 @@ class DetectionLoss(nn.Module):
 class Detection(Task):
     target = "target"
     supports_feature_cache = False
+    spatial_targets = True
     compare_metrics = ("test/map", "test/map_50", "test/map_75", "test/mar_100")
 
     def __init__(
@@ -69,17 +76,7 @@ class Detection(Task):
 
     def build_datamodule(self, cfg: Any):
         from transferlab.data.det_datamodule import DetectionDataModule
-        from transferlab.data.detection import DET_SOURCES
 
-        source = cfg.data.get("source")
-        if source not in DET_SOURCES:
-            raise UserError(
-                f"data={source} is not a detection source: with task=detection choose data= "
-                f"from {', '.join(sorted(DET_SOURCES))}"
-            )
-        shift = cfg.get("shift") or {}
-        if shift.get("name", "none") != "none":
-            raise UserError("shift=corruptions does not support task=detection yet: shift=none")
         return construct_datamodule(DetectionDataModule, cfg)
 
     def build_network(self, model_cfg: Any, num_classes: int) -> nn.Module:
@@ -109,6 +106,10 @@ class Detection(Task):
 
     def evaluation_step(self, module: Any, batch: Mapping[str, Any]) -> Step:
         return Step(None, module.infer(batch))
+
+    def shifted_test_set(self, datamodule: Any, corruption: str, severity: int, seed: int) -> Any:
+        """The test split with a photometric corruption on each image; boxes unchanged."""
+        return photometric_test_set(self, datamodule, corruption, severity, seed)
 
     def report(self, run, cfg: Any, module: Any, datamodule: Any) -> None:
         """Per-class AP (CSV), test images with their true and predicted boxes (PNG) and the

@@ -17,7 +17,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from transferlab.errors import UserError
-from transferlab.tasks.base import Task, construct_datamodule, register_task
+from transferlab.tasks.base import Task, construct_datamodule, photometric_test_set, register_task
 
 LOSSES = ("ce", "dice", "ce+dice")
 REPORT_IMAGES = 8
@@ -79,7 +79,7 @@ class SegmentationScores(MulticlassConfusionMatrix):
 class Segmentation(Task):
     target = "mask"
     supports_feature_cache = False
-    per_pixel_targets = True
+    spatial_targets = True
     compare_metrics = ("test/miou", "test/dice", "test/pixel_acc")
 
     def __init__(
@@ -119,22 +119,8 @@ class Segmentation(Task):
         return {}  # the report reads the test metrics' own confusion matrix
 
     def shifted_test_set(self, datamodule: Any, corruption: str, severity: int, seed: int) -> Any:
-        """The test split with a photometric corruption on each image, after resizing; the
-        masks are unchanged (``shift.GEOMETRIC`` corruptions are left out for this task)."""
-        import copy
-
-        from transferlab.data.seg_transforms import with_image_step
-        from transferlab.shift import GEOMETRIC, Corruption
-
-        if corruption in GEOMETRIC:
-            raise UserError(
-                f"shift corruption {corruption} moves pixels away from their mask labels: "
-                "choose photometric corruptions for task=segmentation"
-            )
-        shifted = copy.copy(datamodule.test_set)
-        step = Corruption(corruption, severity, seed)
-        shifted.transform = with_image_step(datamodule.eval_transform, step)
-        return shifted
+        """The test split with a photometric corruption on each image; masks unchanged."""
+        return photometric_test_set(self, datamodule, corruption, severity, seed)
 
     def report(self, run, cfg: Any, module: Any, datamodule: Any) -> None:
         """Per-class IoU (CSV), test images with true and predicted masks (PNG) and their
