@@ -4,6 +4,7 @@
     python scripts/bench_overhead.py --tiny           # seconds: digits, 32 px, 1 repeat
     python scripts/bench_overhead.py --device cuda --model resnet50 --image-size 224
     python scripts/bench_overhead.py --task segmentation --batch-size 16 --eval-batch-size 32
+    python scripts/bench_overhead.py --task detection --batch-size 16 --eval-batch-size 32
 
 Each repeat runs three paths in turn (A B C, then C B A, ...): transferlab's `run()` composed from
 conf/ as the CLI does (its real Trainer, callbacks and MLflow logging); a plain PyTorch loop
@@ -37,12 +38,14 @@ from omegaconf import open_dict
 from timm.data import create_transform
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchmetrics.detection import MeanAveragePrecision
 
 from transferlab import CONF_DIR
 from transferlab.build import build_datamodule
 from transferlab.data.datasets import to_mode
 from transferlab.machine import cpu
 from transferlab.models import build_classifier
+from transferlab.models.detection import build_detector, detection_loss
 from transferlab.models.segmentation import build_segmenter
 from transferlab.runtime import native_bf16
 from transferlab.tasks.segmentation import SegmentationLoss
@@ -104,8 +107,8 @@ def config(args: argparse.Namespace, workdir: Path):
     ]
     if args.image_size:
         overrides.append(f"data.image_size={args.image_size}")
-    if args.task == "segmentation":
-        overrides.insert(0, "task=segmentation")
+    if args.task in ("segmentation", "detection"):
+        overrides.insert(0, f"task={args.task}")
         if args.tiny:
             overrides += ["data.image_size=64", "data.train_images=16"]
     elif args.tiny:
@@ -144,18 +147,33 @@ class PerSampleImages(Dataset):
         return self.transform(image), int(self.split.images.labels[source])
 
 
-class ImageMaskPairs(Dataset):
-    """A segmentation dataset's samples as (image, mask) tuples, as a plain loop takes them."""
+class ImageTargetPairs(Dataset):
+    """A segmentation or detection dataset's samples as (image, mask) or (image, boxes)
+    tuples, as a plain loop takes them."""
 
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset, target: str) -> None:
+        self.dataset, self.target = dataset, target
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
         sample = self.dataset[index]
-        return sample["image"], sample["mask"]
+        return sample["image"], sample[self.target]
+
+
+def stack_images(samples):
+    """Detection batches as a plain loop collates them: stacked images, a list of targets."""
+    return torch.stack([image for image, _ in samples]), [target for _, target in samples]
+
+
+def to_device(target, device: torch.device):
+    if isinstance(target, torch.Tensor):
+        return target.to(device)
+    return [
+        {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in t.items()}
+        for t in target
+    ]
 
 
 def timed_batches(loader: DataLoader, limit: int, step, device: torch.device) -> float:
@@ -165,7 +183,7 @@ def timed_batches(loader: DataLoader, limit: int, step, device: torch.device) ->
     for index, (x, y) in enumerate(loader):
         if index == limit:
             break
-        step(x.to(device), y.to(device))
+        step(x.to(device), to_device(y, device))
         images += len(x)
     sync(device)
     return images / (time.perf_counter() - started)
@@ -188,10 +206,25 @@ def run_plain(cfg, args: argparse.Namespace, fast: bool) -> dict[str, float]:
         crop_pct=config["crop_pct"],
         crop_mode=config["crop_mode"],
     )
+    collate = None
     if args.task == "segmentation":  # the same smp model and paired per-sample transforms
-        train, test = ImageMaskPairs(data.train_set), ImageMaskPairs(data.test_set)
+        train, test = (
+            ImageTargetPairs(data.train_set, "mask"),
+            ImageTargetPairs(data.test_set, "mask"),
+        )
         model = build_segmenter(cfg.model, data.num_classes, cfg.task.decoder)
         criterion = SegmentationLoss(cfg.task.loss, cfg.task.ignore_index)
+    elif args.task == "detection":  # the same torchvision detector and box-aware transforms
+        train = ImageTargetPairs(data.train_set, "target")
+        test = ImageTargetPairs(data.test_set, "target")
+        model = build_detector(
+            cfg.model,
+            data.num_classes,
+            cfg.task.detector,
+            image_size=cfg.task.image_size,
+            **cfg.task.options,
+        )
+        collate = stack_images
     else:
         train = PerSampleImages(data.train_set, transform, data.image_mode)
         test = PerSampleImages(data.test_set, transform, data.image_mode)
@@ -207,19 +240,29 @@ def run_plain(cfg, args: argparse.Namespace, fast: bool) -> dict[str, float]:
 
     def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_train):
-            loss = criterion(model(x.contiguous(memory_format=layout)), y)
+            x = x.contiguous(memory_format=layout)
+            if args.task == "detection":  # the detector computes its own losses
+                loss = detection_loss(model(x, y))
+            else:
+                loss = criterion(model(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     correct = []
     classes = data.num_classes
+    boxes_map = (
+        MeanAveragePrecision(backend="faster_coco_eval") if args.task == "detection" else None
+    )
     confusion = torch.zeros(classes * classes, dtype=torch.long, device=device)
 
     @torch.inference_mode()
     def eval_step(x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_eval):
             logits = model(x.contiguous(memory_format=layout))
+        if boxes_map is not None:  # what a detection test accumulates: mAP's inputs
+            boxes_map.update(logits, y)
+            return
         if args.task != "segmentation":
             correct.append((logits.argmax(1) == y).sum())
             return
@@ -231,10 +274,10 @@ def run_plain(cfg, args: argparse.Namespace, fast: bool) -> dict[str, float]:
             torch.bincount(y[labelled] * classes + logits.argmax(1)[labelled], minlength=classes**2)
         )
 
-    loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True)
+    loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, collate_fn=collate)
     train_rate = timed_batches(loader, args.steps, train_step, device)
     model.eval()
-    loader = DataLoader(test, batch_size=cfg.data.eval_batch_size, shuffle=False)
+    loader = DataLoader(test, batch_size=cfg.data.eval_batch_size, collate_fn=collate)
     return {
         "train": train_rate,
         "eval": timed_batches(loader, args.eval_batches, eval_step, device),
@@ -276,7 +319,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", default="efficientnet_lite0", help="a conf/model option")
     parser.add_argument(
-        "--task", choices=("classification", "segmentation"), default="classification"
+        "--task", choices=("classification", "segmentation", "detection"), default="classification"
     )
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=32)

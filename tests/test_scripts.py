@@ -49,9 +49,16 @@ def run_script(name: str, tmp_path: Path, *args: str) -> tuple[str, dict]:
     return result.stdout, json.loads(out.read_text())
 
 
-def test_overhead_benchmark_tiny(tmp_path: Path) -> None:
-    stdout, report = run_script("bench_overhead", tmp_path)
-    assert "vs plain_fast" in stdout
+@pytest.mark.parametrize(
+    "task",
+    [
+        "classification",
+        pytest.param("detection", marks=pytest.mark.slow),  # 60 s on 2 cores
+    ],
+)
+def test_overhead_benchmark_tiny(tmp_path: Path, task: str) -> None:
+    stdout, report = run_script("bench_overhead", tmp_path, "--task", task)
+    assert "vs plain_fast" in stdout and report["task"].startswith(f"{task}: ")
     for path in ("transferlab", "plain", "plain_fast"):
         assert report[f"{path}_train_img_s"] > 0 and report[f"{path}_eval_img_s"] > 0
     assert report["ratio_train_vs_plain"] > 0 and len(report["runs"]) == 1
