@@ -11,7 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from clitools import transferlab
+from clitools import error_line, transferlab
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from PIL import Image
@@ -250,7 +250,11 @@ def coco_split(folder: Path, name: str, first_id: int, count: int, crowd: bool =
     return path
 
 
-def test_a_coco_file_trains_through_the_cli_into_a_finished_run(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def coco_run(tmp_path_factory: pytest.TempPathFactory):
+    """(working folder, COCO data folder, the `transferlab train` result) of one tiny run on
+    a COCO file through the real CLI, with the corruption suite."""
+    tmp_path = tmp_path_factory.mktemp("coco_run")
     data = tmp_path / "coco"
     data.mkdir()
     coco_split(data, "train.json", 1, 6)
@@ -264,6 +268,11 @@ def test_a_coco_file_trains_through_the_cli_into_a_finished_run(tmp_path: Path) 
         f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path, data, result
+
+
+def test_a_coco_file_trains_through_the_cli_into_a_finished_run(coco_run) -> None:
+    tmp_path, _, result = coco_run
     assert "Feature cache on" not in result.stdout
     assert "rotate left out" in result.stdout  # it would move the pixels off their boxes
     run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
@@ -291,3 +300,46 @@ def test_a_coco_file_trains_through_the_cli_into_a_finished_run(tmp_path: Path) 
     # Three test images, each with one square and one bar; the crowd region is not a box.
     assert rows[1].startswith("square,") and rows[1].endswith(",3")
     assert rows[2].startswith("bar,") and rows[2].endswith(",3")
+
+
+def test_predict_writes_boxes_in_each_images_own_pixels(
+    coco_run, capsys: pytest.CaptureFixture
+) -> None:
+    from transferlab.inference import load_trained
+    from transferlab.predict import main as predict
+
+    tmp_path, data, _ = coco_run
+    images = tmp_path / "predict"
+    images.mkdir()
+    Image.open(data / "30.png").save(images / "30.png")  # 48 x 40: the network sees 64 x 64
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    run, out = str(tmp_path / "out"), tmp_path / "boxes.json"
+    assert predict([f"run={run}", f"images={images}", f"out={out}", "min_score=0"]) == 0
+    assert "skipped 1 unreadable file(s)" in capsys.readouterr().out
+    found = json.loads(out.read_text())
+    assert found and {box["file_name"] for box in found} == {str(images / "30.png")}
+    # What the network finds on the resized image, scaled to the 48 x 40 image by hand.
+    model = load_trained(run)
+    with Image.open(images / "30.png") as image, torch.inference_mode():
+        network = model.network(model.transform(image.convert("RGB"))[None])[0]
+    best = int(network["scores"].argmax())
+    x1, y1, x2, y2 = (network["boxes"][best] * torch.tensor([48, 40, 48, 40]) / 64).tolist()
+    top = max(found, key=lambda box: box["score"])
+    assert top["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=0.01)
+    assert top["category_name"] == ("square", "bar")[int(network["labels"][best]) - 1]
+    assert all(b["bbox"][0] >= 0 and b["bbox"][0] + b["bbox"][2] <= 48.01 for b in found)
+    scores = [box["score"] for box in found]
+    assert scores == sorted(scores, reverse=True) and len(found) == len(network["scores"])
+    # The CSV keeps only the boxes at or above min_score; a box-less image keeps its row.
+    cutoff, out = scores[len(scores) // 2], tmp_path / "detections.csv"
+    assert predict([f"run={run}", f"images={images}", f"min_score={cutoff}", f"out={out}"]) == 0
+    rows = out.read_text().splitlines()
+    assert rows[0] == "file,class,score,x1,y1,x2,y2"
+    assert len(rows) - 1 == sum(score >= cutoff for score in scores)
+    assert predict([f"run={run}", f"images={images}", "min_score=1", f"out={out}"]) == 0
+    assert out.read_text().splitlines()[1:] == [f"{images / '30.png'},,,,,,"]
+    for bad, message in (("top_k=3", "drop top_k="), ("min_score=2", "between 0 and 1")):
+        with pytest.raises(UserError, match=message):
+            predict([f"run={run}", f"images={images}", bad])
+    result = transferlab("predict", f"run={run}", f"images={images}", "top_k=3", cwd=tmp_path)
+    assert result.returncode != 0 and "drop top_k=" in error_line(result)

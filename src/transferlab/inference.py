@@ -306,16 +306,33 @@ def classification_preprocessing(
 def segmentation_preprocessing(
     cfg: DictConfig,
 ) -> tuple[Callable[[Any], Any], str, tuple[int, int, int]]:
-    """The eval transform of the run's ``SegmentationDataModule`` (built, not set up: no data
-    is read), for an image alone."""
+    """The eval transform of the run's ``SegmentationDataModule``, for an image alone."""
+    from transferlab.data.seg_datamodule import SegmentationDataModule
+
+    return paired_preprocessing(SegmentationDataModule, cfg)
+
+
+def detection_preprocessing(
+    cfg: DictConfig,
+) -> tuple[Callable[[Any], Any], str, tuple[int, int, int]]:
+    """The eval transform of the run's ``DetectionDataModule``, for an image alone."""
+    from transferlab.data.det_datamodule import DetectionDataModule
+
+    return paired_preprocessing(DetectionDataModule, cfg)
+
+
+def paired_preprocessing(
+    datamodule_class: type, cfg: DictConfig
+) -> tuple[Callable[[Any], Any], str, tuple[int, int, int]]:
+    """The eval transform of the run's data module (built, not set up: no data is read),
+    which transforms an image with its targets, for an image alone."""
     from omegaconf import OmegaConf
 
-    from transferlab.data.seg_datamodule import SegmentationDataModule
     from transferlab.models import model_data_config
 
     data = OmegaConf.to_container(cfg.data, resolve=True)
     try:
-        datamodule = SegmentationDataModule(**data, data_config=model_data_config(cfg.model))
+        datamodule = datamodule_class(**data, data_config=model_data_config(cfg.model))
     except TypeError as err:
         raise UserError(f"the run's data config: {err}") from None
     size = tuple(int(v) for v in datamodule.data_config["input_size"])
@@ -323,14 +340,20 @@ def segmentation_preprocessing(
 
 
 class ImageAlone:
-    """A paired (image, mask) eval transform applied to an image without a mask."""
+    """A paired eval transform, (image, mask) or (image, boxes, labels), applied to an
+    image without targets (a blank mask, no boxes)."""
 
-    def __init__(self, paired: Callable[[Any, Any], tuple[Any, Any]]) -> None:
+    def __init__(self, paired: Callable[..., tuple[Any, Any]]) -> None:
         self.paired = paired
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         import numpy as np
 
+        from transferlab.data.det_transforms import DetTransform
+
+        if isinstance(self.paired, DetTransform):
+            no_boxes = np.zeros((0, 4), dtype=np.float32)
+            return self.paired(image, no_boxes, np.zeros(0, dtype=np.int64))[0]
         blank = np.zeros((image.height, image.width), dtype=np.uint8)
         return self.paired(image, blank)[0]
 
@@ -341,6 +364,7 @@ class ImageAlone:
 PREPROCESSING: dict[str, Callable[[DictConfig], tuple[Any, str, tuple[int, int, int]]]] = {
     "classification": classification_preprocessing,
     "segmentation": segmentation_preprocessing,
+    "detection": detection_preprocessing,
 }
 
 
@@ -358,6 +382,29 @@ def predicted_masks(
         )
         masks.append(resized[0].argmax(0))
     return masks
+
+
+def predicted_boxes(
+    network: nn.Module, batch: torch.Tensor, sizes: Sequence[tuple[int, int]]
+) -> list[dict[str, torch.Tensor]]:
+    """Each image's detections (``boxes`` xyxy, ``scores``, ``labels``, highest score first)
+    with the boxes in pixels of the image's own (H, W) in ``sizes``: the detector's output
+    for the preprocessed (resized) ``batch``, scaled back."""
+    height, width = batch.shape[-2:]
+    found = []
+    import torch
+
+    for image, (h, w) in zip(network(batch), sizes, strict=True):
+        scale = torch.tensor([w / width, h / height, w / width, h / height])
+        order = image["scores"].float().argsort(descending=True)
+        found.append(
+            {
+                "boxes": image["boxes"][order].float().cpu() * scale,
+                "scores": image["scores"][order].float().cpu(),
+                "labels": image["labels"][order].cpu(),
+            }
+        )
+    return found
 
 
 def class_shares(mask: torch.Tensor, num_classes: int) -> list[float]:

@@ -1,7 +1,8 @@
 """``transferlab predict run=<run> images=<file | folder>``: a trained run's predictions for
 each image. Classification: the top-k classes and probabilities, into a CSV. Segmentation:
 a class-index mask PNG per image at the image's own size, and a CSV of each class's share
-of the pixels.
+of the pixels. Detection: the boxes scoring at least ``min_score``, in the image's own
+pixels, into a CSV or a COCO results JSON.
 
 Images are preprocessed as the run evaluated its test set (``transferlab.inference``).
 Files that cannot be read as images are reported and skipped. The CSV is written to a
@@ -12,6 +13,8 @@ run's masks and CSV are written into a temporary folder moved into place at the 
 from __future__ import annotations
 
 import csv
+import io
+import json
 import os
 import sys
 import tempfile
@@ -23,8 +26,8 @@ from transferlab.errors import UserError
 
 USAGE = """\
 usage: transferlab predict run=<run id | run folder | checkpoint> images=<file | folder>
-                           [out=predictions.csv | <folder>] [top_k=5] [batch_size=64]
-                           [store_dir=mlruns]
+                           [out=predictions.csv | <folder> | <file>.json] [top_k=5]
+                           [min_score=0.5] [batch_size=64] [store_dir=mlruns]
 
 Predict images with a trained run's best checkpoint. A folder is searched recursively for
 images (.jpg, .png, ...). Unreadable files are skipped and counted.
@@ -40,12 +43,21 @@ names too), coloured as the run's report. And <out>/predictions.csv, one row per
 file, mask (its PNG), then share_<class> for each class, the share of the image's pixels
 predicted as it (they sum to 1). All are written into a temporary folder and moved into
 out= at the end; an existing out= folder keeps its other files.
+
+Detection runs: the boxes scoring at least min_score= (default 0.5; the detector's own floor
+is task.options.score_thresh, 0.05), in pixels of each image's own size, highest score first.
+out= is a CSV (default detections.csv), one row per box: file, class, score, x1, y1, x2, y2
+(corners; an image without boxes gets one row with only its file), or, when out= ends in
+.json, a COCO results list: {"image_id", "file_name", "category_id", "category_name",
+"bbox": [x, y, width, height], "score"} per box, image_id numbering the files from 1 in
+the order found, category_id the class's index in the run's classes (0 is the background).
 """
 DEFAULTS: dict[str, str | None] = {
     "run": None,
     "images": None,
     "out": "",  # predictions.csv (classification), predictions (segmentation)
     "top_k": "",  # TOP_K (classification)
+    "min_score": "",  # MIN_SCORE (detection)
     "batch_size": "64",
     "store_dir": "mlruns",
 }
@@ -53,6 +65,8 @@ TOP_K = 5
 CSV_OUT = "predictions.csv"
 MASKS_OUT = "predictions"  # the folder a segmentation run writes into
 MASK_SUFFIX = "_mask.png"
+BOXES_OUT = "detections.csv"
+MIN_SCORE = 0.5  # as the run's report draws its predicted boxes
 PROGRESS_FROM = 200  # images: fewer finish before a progress bar would help
 
 
@@ -64,18 +78,30 @@ def main(argv: list[str]) -> int:
     if args is None:
         return 0
     top_k = positive_int(args, "top_k") if args["top_k"] else None
+    min_score = score(args["min_score"]) if args["min_score"] else None
     batch_size = positive_int(args, "batch_size")
     images = Path(args["images"]).expanduser()
     files = image_files(images)
     model = load_trained(args["run"], args["store_dir"])
     model.require_task(tuple(PREDICTORS), "predict")
+    if min_score is not None and model.task.name != "detection":
+        raise UserError(
+            f"min_score={args['min_score']} filters a detector's boxes; this is a "
+            f"task={model.task.name} run: drop min_score="
+        )
     out = Path(args["out"]).expanduser() if args["out"] else None
-    PREDICTORS[model.task.name](model, images, files, out, top_k, batch_size)
+    PREDICTORS[model.task.name](model, images, files, out, top_k, min_score, batch_size)
     return 0
 
 
 def classify(
-    model: Any, images: Path, files: list[Path], out: Path | None, top_k: int | None, batch: int
+    model: Any,
+    images: Path,
+    files: list[Path],
+    out: Path | None,
+    top_k: int | None,
+    min_score: float | None,
+    batch: int,
 ) -> None:
     """The top-k classes of each image into the CSV ``out``."""
     out = out or Path(CSV_OUT)
@@ -90,7 +116,13 @@ def classify(
 
 
 def segment(
-    model: Any, images: Path, files: list[Path], out: Path | None, top_k: int | None, batch: int
+    model: Any,
+    images: Path,
+    files: list[Path],
+    out: Path | None,
+    top_k: int | None,
+    min_score: float | None,
+    batch: int,
 ) -> None:
     """A mask PNG per image and the CSV of class shares into the folder ``out``."""
     from transferlab.explain import is_inside, staged_folder
@@ -124,7 +156,108 @@ def segment(
     )
 
 
-PREDICTORS = {"classification": classify, "segmentation": segment}
+def detect(
+    model: Any,
+    images: Path,
+    files: list[Path],
+    out: Path | None,
+    top_k: int | None,
+    min_score: float | None,
+    batch: int,
+) -> None:
+    """The boxes of each image scoring at least ``min_score`` into the CSV or COCO results
+    JSON ``out``."""
+    if top_k is not None:
+        raise UserError(
+            f"top_k={top_k} ranks the classes of a whole image; a task=detection run finds "
+            "boxes: drop top_k= (min_score= keeps the confident ones)"
+        )
+    out = out or Path(BOXES_OUT)
+    if out.is_dir():
+        raise UserError(f"out={out} is a folder: a task=detection run writes a .csv or a .json")
+    threshold = MIN_SCORE if min_score is None else min_score
+    found, skipped = predict_boxes(model, files, batch)
+    if not found:
+        raise UserError(f"none of the {len(files)} image file(s) could be read")
+    names = model.class_names
+    kept = [
+        (path, [i for i, s in enumerate(image["scores"].tolist()) if s >= threshold], image)
+        for path, image in found
+    ]
+    if out.suffix.lower() == ".json":
+        results = [
+            {
+                "image_id": number,
+                "file_name": str(path),
+                "category_id": int(image["labels"][i]),
+                "category_name": names[int(image["labels"][i])],
+                "bbox": [round(v, 2) for v in xywh(image["boxes"][i].tolist())],
+                "score": round(float(image["scores"][i]), 5),
+            }
+            for number, (path, indices, image) in enumerate(kept, start=1)
+            for i in indices
+        ]
+        write_atomically(out, json.dumps(results) + "\n")
+        boxes = len(results)
+    else:
+        rows = []
+        for path, indices, image in kept:
+            rows += [
+                [
+                    str(path),
+                    names[int(image["labels"][i])],
+                    f"{float(image['scores'][i]):.5f}",
+                    *(f"{v:.2f}" for v in image["boxes"][i].tolist()),
+                ]
+                for i in indices
+            ] or [[str(path), "", "", "", "", "", ""]]
+        write_csv_atomically(out, ["file", "class", "score", "x1", "y1", "x2", "y2"], rows)
+        boxes = sum(len(indices) for _, indices, _ in kept)
+    note = f"; skipped {len(skipped)} unreadable file(s)" if skipped else ""
+    print(
+        f"Detected {boxes} box(es) scoring >= {threshold} in {len(found)} image(s) with "
+        f"{model.checkpoint} into {out}{note}"
+    )
+
+
+def xywh(box: Sequence[float]) -> list[float]:
+    x1, y1, x2, y2 = box
+    return [x1, y1, x2 - x1, y2 - y1]
+
+
+def predict_boxes(
+    model: Any, files: Sequence[Path], batch_size: int
+) -> tuple[list[tuple[Path, dict[str, Any]]], list[Path]]:
+    """Each readable file's detections in its own pixels, and the files skipped (each
+    reported on stderr)."""
+    import torch
+
+    from transferlab.inference import predicted_boxes
+
+    found: list[tuple[Path, dict[str, Any]]] = []
+    skipped: list[Path] = []
+    with progress_bar(files) as progress, torch.inference_mode():
+        for group in batches(files, batch_size):
+            loaded = load_group(model, group, skipped, progress)
+            if not loaded:
+                continue
+            batch = torch.stack([t for _, _, t in loaded])
+            images = predicted_boxes(model.network, batch, [size for _, size, _ in loaded])
+            found += [(path, image) for (path, _, _), image in zip(loaded, images, strict=True)]
+    return found, skipped
+
+
+def score(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise UserError(f"min_score={text} must be a score between 0 and 1")
+    return value
+
+
+PREDICTORS = {"classification": classify, "segmentation": segment, "detection": detect}
 
 
 def positive_int(args: dict[str, str], key: str) -> int:
@@ -272,15 +405,22 @@ def one_line(err: Exception) -> str:
 
 
 def write_csv_atomically(out: Path, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """The CSV ``out``, written as ``write_atomically`` writes."""
+    stream = io.StringIO(newline="")
+    writer = csv.writer(stream)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_atomically(out, stream.getvalue())
+
+
+def write_atomically(out: Path, text: str) -> None:
     """Write to a temporary file next to ``out``, then rename it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
         os.fchmod(handle, 0o644)
         with os.fdopen(handle, "w", newline="") as stream:
-            writer = csv.writer(stream)
-            writer.writerow(header)
-            writer.writerows(rows)
+            stream.write(text)
         os.replace(temporary, out)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
