@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from clitools import error_line, transferlab
@@ -343,3 +344,42 @@ def test_predict_writes_boxes_in_each_images_own_pixels(
             predict([f"run={run}", f"images={images}", bad])
     result = transferlab("predict", f"run={run}", f"images={images}", "top_k=3", cwd=tmp_path)
     assert result.returncode != 0 and "drop top_k=" in error_line(result)
+
+
+def test_mlflow_model_gives_what_predict_gives(coco_run) -> None:
+    from test_mlflow_model import OFFLINE, store
+
+    from transferlab.predict import main as predict
+
+    tmp_path, data, result = coco_run
+    run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
+    assert f"MLflow model: runs:/{run_id}/model" in result.stdout
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in OFFLINE.items():
+            patch.setenv(key, value)
+        patch.setenv("MLFLOW_TRACKING_URI", store(tmp_path))
+        mlflow.set_tracking_uri(store(tmp_path))
+        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    signature = model.metadata.signature
+    assert signature.outputs.input_names() == ["detections", "boxes"]
+    assert signature.params.to_dict()[0]["name"] == "min_score"
+    files = [data / "30.png", data / "31.png"]
+    out = tmp_path / "model_check.json"
+    threshold = "0.1"
+    assert predict([f"run={tmp_path / 'out'}", f"images={files[0]}", f"out={out}",
+                    f"min_score={threshold}"]) == 0  # fmt: skip
+    expected = json.loads(out.read_text())
+    got = model.predict(
+        pd.DataFrame({"image": [path.read_bytes() for path in files]}),
+        params={"min_score": float(threshold)},
+    )
+    first = json.loads(got["detections"][0])
+    assert list(got["boxes"]) == [len(json.loads(cell)) for cell in got["detections"]]
+    assert len(first) == len(expected)
+    for box, coco in zip(first, expected, strict=True):
+        assert box["class"] == coco["category_name"]
+        assert box["score"] == pytest.approx(coco["score"], abs=1e-5)
+        x1, y1, x2, y2 = box["box"]
+        assert [x1, y1, x2 - x1, y2 - y1] == pytest.approx(coco["bbox"], abs=0.01)
+    fewer = model.predict(pd.DataFrame({"image": [files[0].read_bytes()]}))  # min_score 0.5
+    assert fewer["boxes"][0] == sum(box["score"] >= 0.5 for box in first)

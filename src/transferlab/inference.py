@@ -15,7 +15,7 @@ A segmentation network's logits are resized back to each image's own size before
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -405,6 +405,20 @@ def predicted_boxes(
             }
         )
     return found
+
+
+def kept_detections(
+    image: Mapping[str, torch.Tensor], class_names: Sequence[str], min_score: float
+) -> list[dict[str, Any]]:
+    """An image's detections (``predicted_boxes``) scoring at least ``min_score``, highest
+    first: ``{"class", "score", "box": [x1, y1, x2, y2]}`` each."""
+    return [
+        {"class": class_names[int(label)], "score": float(score), "box": box}
+        for box, score, label in zip(
+            image["boxes"].tolist(), image["scores"].tolist(), image["labels"].tolist(), strict=True
+        )
+        if score >= min_score
+    ]
 
 
 def class_shares(mask: torch.Tensor, num_classes: int) -> list[float]:

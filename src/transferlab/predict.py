@@ -167,6 +167,8 @@ def detect(
 ) -> None:
     """The boxes of each image scoring at least ``min_score`` into the CSV or COCO results
     JSON ``out``."""
+    from transferlab.inference import kept_detections
+
     if top_k is not None:
         raise UserError(
             f"top_k={top_k} ranks the classes of a whole image; a task=detection run finds "
@@ -179,40 +181,31 @@ def detect(
     found, skipped = predict_boxes(model, files, batch)
     if not found:
         raise UserError(f"none of the {len(files)} image file(s) could be read")
-    names = model.class_names
-    kept = [
-        (path, [i for i, s in enumerate(image["scores"].tolist()) if s >= threshold], image)
-        for path, image in found
-    ]
+    kept = [(path, kept_detections(image, model.class_names, threshold)) for path, image in found]
+    index = {name: i for i, name in enumerate(model.class_names)}
     if out.suffix.lower() == ".json":
         results = [
             {
                 "image_id": number,
                 "file_name": str(path),
-                "category_id": int(image["labels"][i]),
-                "category_name": names[int(image["labels"][i])],
-                "bbox": [round(v, 2) for v in xywh(image["boxes"][i].tolist())],
-                "score": round(float(image["scores"][i]), 5),
+                "category_id": index[box["class"]],
+                "category_name": box["class"],
+                "bbox": [round(v, 2) for v in xywh(box["box"])],
+                "score": round(box["score"], 5),
             }
-            for number, (path, indices, image) in enumerate(kept, start=1)
-            for i in indices
+            for number, (path, boxes) in enumerate(kept, start=1)
+            for box in boxes
         ]
         write_atomically(out, json.dumps(results) + "\n")
-        boxes = len(results)
     else:
         rows = []
-        for path, indices, image in kept:
+        for path, boxes in kept:
             rows += [
-                [
-                    str(path),
-                    names[int(image["labels"][i])],
-                    f"{float(image['scores'][i]):.5f}",
-                    *(f"{v:.2f}" for v in image["boxes"][i].tolist()),
-                ]
-                for i in indices
+                [str(path), box["class"], f"{box['score']:.5f}", *(f"{v:.2f}" for v in box["box"])]
+                for box in boxes
             ] or [[str(path), "", "", "", "", "", ""]]
         write_csv_atomically(out, ["file", "class", "score", "x1", "y1", "x2", "y2"], rows)
-        boxes = sum(len(indices) for _, indices, _ in kept)
+    boxes = sum(len(found_boxes) for _, found_boxes in kept)
     note = f"; skipped {len(skipped)} unreadable file(s)" if skipped else ""
     print(
         f"Detected {boxes} box(es) scoring >= {threshold} in {len(found)} image(s) with "

@@ -24,6 +24,11 @@ batch; and a mask is a few kB of PNG (base64 in JSON) where nested lists of indi
 several bytes of JSON per pixel. ``numpy.asarray(PIL.Image.open(io.BytesIO(cell)))`` gives
 the (H, W) indices back.
 
+Output of a detection run (``ImageDetector``): ``detections``, a JSON list of the boxes
+scoring at least the ``min_score`` param (default 0.5, as ``transferlab predict``), highest
+first: ``{"class", "score", "box": [x1, y1, x2, y2]}`` in pixels of the input image's own
+size; and ``boxes``, their number. JSON text: an image has any number of boxes.
+
 ``register_champion`` registers a sweep's best child's model and points the alias
 ``champion`` at that version, whatever the run's task.
 """
@@ -55,6 +60,9 @@ MODEL_NAME = "model"  # runs:/<run id>/model
 IMAGE_COLUMN = "image"
 PREDICTED_COLUMN = "predicted"
 MASK_COLUMN = "mask"
+DETECTIONS_COLUMN = "detections"
+BOXES_COLUMN = "boxes"
+MIN_SCORE_PARAM = "min_score"
 RUN_ARTIFACT = "run"  # the model's artifact: a run folder, as load_trained takes it
 CHAMPION = "champion"
 BATCH_SIZE = 64
@@ -179,10 +187,56 @@ class ImageSegmenter(RunModel):
         )
 
 
+class ImageDetector(RunModel):
+    """Images in, each one's boxes (JSON) and their number out."""
+
+    code_file = "image_detector.py"
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        import json
+
+        import torch
+
+        from transferlab.inference import kept_detections, predicted_boxes
+        from transferlab.predict import MIN_SCORE
+
+        min_score = float((params or {}).get(MIN_SCORE_PARAM, MIN_SCORE))
+        trained = self.trained
+        found = []
+        with torch.inference_mode():
+            for images in self.image_batches(model_input):
+                batch = torch.stack([trained.transform(image) for image in images])
+                sizes = [(image.height, image.width) for image in images]
+                for image in predicted_boxes(trained.network, batch, sizes):
+                    found.append(kept_detections(image, trained.class_names, min_score))
+        return pd.DataFrame(
+            {
+                DETECTIONS_COLUMN: [json.dumps(boxes) for boxes in found],
+                BOXES_COLUMN: np.array([len(boxes) for boxes in found], dtype=np.int64),
+            },
+            index=model_input.index,
+        )
+
+    @staticmethod
+    def model_signature(class_names: Sequence[str]) -> ModelSignature:
+        from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec
+
+        from transferlab.predict import MIN_SCORE
+
+        signature = image_signature(
+            [ColSpec(DataType.string, DETECTIONS_COLUMN), ColSpec(DataType.long, BOXES_COLUMN)]
+        )
+        signature.params = ParamSchema([ParamSpec(MIN_SCORE_PARAM, DataType.double, MIN_SCORE)])
+        return signature
+
+
 # The pyfunc model of each task's runs; other tasks' runs log none.
 MODELS: dict[str, type[RunModel]] = {
     "classification": ImageClassifier,
     "segmentation": ImageSegmenter,
+    "detection": ImageDetector,
 }
 SUPPORTED_TASKS = tuple(MODELS)
 
