@@ -142,6 +142,7 @@ def test_bad_eval_input_is_one_line_and_records_nothing(
     assert run_count(cwd) == runs  # no evaluation run was started
 
 
+@pytest.mark.slow  # 30 s on 2 cores: `make test-slow` runs it
 def test_train_with_the_suite_compares_clean_and_shifted_side_by_side(tmp_path: Path) -> None:
     result = transferlab(
         "train", *SMOKE, *SMALL_SUITE, "tracking.experiment_name=shifted", cwd=tmp_path

@@ -21,6 +21,7 @@ def transferlab(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # 25 s on 2 cores: `make test-slow` runs it
 def test_a_reproduced_cpu_run_gives_identical_results(tmp_path: Path) -> None:
     folder = tmp_path / "outputs" / "original"
     trained = transferlab(

@@ -109,6 +109,7 @@ def test_a_run_killed_mid_epoch_resumes_into_the_same_run_with_exactly_the_same_
     assert [step for step, _ in got["train/loss_step"]] == list(range(12))
 
 
+@pytest.mark.slow  # 32 s on 2 cores: `make test-slow` runs it
 def test_sigterm_during_fit_ends_killed_and_a_requeued_job_resumes(
     tmp_path: Path,
 ) -> None:

@@ -133,6 +133,7 @@ def test_no_password_in_what_a_run_records_or_prints(server: str, tmp_path: Path
     )
 
 
+@pytest.mark.slow  # 17 s on 2 cores: `make test-slow` runs it
 def test_a_sweep_keeps_the_password_out_and_compare_finds_its_store(
     server: str, tmp_path: Path
 ) -> None:

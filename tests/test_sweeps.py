@@ -133,6 +133,24 @@ def test_grid_sweep_has_one_parent_with_a_comparison_and_a_child_per_job(tmp_pat
     assert {row["optimizer.lr"] for row in table} == {"0.001", "0.0003"}
     assert {row["overrides"] for row in table} == {"finetune=linear_probe", "finetune=full"}
 
+    # The sweep folder points at its parent; compare by experiment name shows the children
+    # only; an unknown target is one line.
+    info = json.loads((tmp_path / "multirun" / "sweep" / "sweep_run.json").read_text())
+    assert info["parent_run_id"] == parent.run_id
+    by_name = subprocess.run(
+        [str(BIN / "transferlab"), "compare", "smoke", "--out", str(tmp_path / "c")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert by_name.returncode == 0, by_name.stderr
+    assert best.run_id[:8] in by_name.stdout and parent.run_id[:8] not in by_name.stdout
+    unknown = subprocess.run(
+        [str(BIN / "transferlab"), "compare", "nope"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert unknown.returncode == 1
+    assert "not a sweep folder, a run id or an experiment" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+
 
 def test_failing_job_is_a_failed_child_and_the_sweep_goes_on(tmp_path: Path) -> None:
     # An absurd learning rate makes the loss NaN: the divergence guard fails that job.
@@ -177,6 +195,7 @@ def test_parallel_joblib_jobs_share_the_cores_and_lose_no_metrics(tmp_path: Path
             assert math.isfinite(child[f"metrics.{name}"])
 
 
+@pytest.mark.slow  # 35 s on 2 cores: `make test-slow` runs it
 def test_optuna_search_is_stored_resumed_and_survives_a_failed_trial(tmp_path: Path) -> None:
     search = ["hparams_search=fmnist_optuna", "data=digits", "trainer=debug"]
     first = sweep(tmp_path, *search, "hydra.sweeper.n_trials=2", name="first")
@@ -215,6 +234,7 @@ def test_optuna_search_is_stored_resumed_and_survives_a_failed_trial(tmp_path: P
     assert len(optuna.load_study(study_name="fmnist_optuna", storage=study._storage).trials) == 3
 
 
+@pytest.mark.slow  # 18 s on 2 cores: `make test-slow` runs it
 def test_slurm_preset_runs_end_to_end_through_submitits_local_executor(tmp_path: Path) -> None:
     result = sweep(tmp_path, "seed=0,1", "hydra/launcher=slurm_local")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -236,27 +256,6 @@ def test_resumed_search_fails_trials_left_running(tmp_path: Path) -> None:
     assert finished_trials(storage, "s") == 1
     states = [t.state for t in optuna.load_study(study_name="s", storage=storage).trials]
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
-
-
-def test_sweep_file_points_compare_at_the_parent(tmp_path: Path) -> None:
-    result = sweep(tmp_path, "seed=0", "tracking.experiment_name=one")
-    assert result.returncode == 0, result.stderr[-3000:]
-    info = json.loads((tmp_path / "multirun" / "sweep" / "sweep_run.json").read_text())
-    parent, children = parent_and_children(tmp_path, "one")
-    assert info["parent_run_id"] == parent.run_id and len(children) == 1
-    by_name = subprocess.run(
-        [str(BIN / "transferlab"), "compare", "one", "--out", str(tmp_path / "c")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert by_name.returncode == 0, by_name.stderr
-    assert children.run_id[0][:8] in by_name.stdout and parent.run_id[:8] not in by_name.stdout
-    unknown = subprocess.run(
-        [str(BIN / "transferlab"), "compare", "nope"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert unknown.returncode == 1
-    assert "not a sweep folder, a run id or an experiment" in unknown.stderr
-    assert "Traceback" not in unknown.stderr
 
 
 @pytest.mark.parametrize(
