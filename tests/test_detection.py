@@ -83,9 +83,9 @@ def test_detection_config_mistakes_are_one_line_errors(tmp_path: Path) -> None:
         with initialize_config_dir(config_dir=str(CONF_DIR)):
             digits = compose("train", overrides=["task=detection", "data=digits"])
         build_task({"name": "detection"}).build_datamodule(digits)
-    shifted = tiny_config(tmp_path, "shift=corruptions")
-    with pytest.raises(UserError, match="shift=corruptions does not support task=detection"):
-        build_task({"name": "detection"}).build_datamodule(shifted)
+    resized = tiny_config(tmp_path, "task.image_size=128")  # data.image_size=64
+    with pytest.raises(UserError, match=r"task.image_size=128 .* for 64 px images"):
+        build_task(resized.task).build_datamodule(resized)
     with pytest.raises(UserError, match=r"data=coco needs data\.annotations"):  # before torch
         check_config(tiny_config(tmp_path, "data=coco"))
     missing = tiny_config(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import pytorch_lightning as pl
@@ -43,6 +43,10 @@ class SplitDataModule(pl.LightningDataModule):
 
     # How a loader's samples become a batch; None: PyTorch's default (stacked tensors).
     collate_fn: Callable[[list[Any]], Any] | None = None
+    # The task these data serve, its sources (empty: not checked here) and augmentations.
+    task: ClassVar[str] = ""
+    sources: ClassVar[Collection[str]] = ()
+    augments: ClassVar[tuple[str, ...]] = ("none",)
 
     def __init__(
         self,
@@ -172,28 +176,27 @@ class SplitDataModule(pl.LightningDataModule):
         if self.train_set is None:
             raise RuntimeError("TransferDataModule.setup() has not run yet")
 
-    def _choose_source_and_augment(
-        self,
-        task: str,
-        source: str,
-        sources: Sequence[str],
-        augment: Mapping[str, Any] | None,
-        augments: Sequence[str],
-    ) -> None:
-        """Set ``source``, ``augment`` and ``augment_name``, each checked against what the
-        ``task``'s data module serves; either unknown is one line naming the choices."""
-        if source not in sources:
+    @classmethod
+    def check_source(cls, source: Any) -> None:
+        """A source this data module does not serve is one line naming those it does (no
+        check where ``sources`` is empty)."""
+        if cls.sources and source not in cls.sources:
             raise UserError(
-                f"data={source} is not a {task} source: choose data= from "
-                f"{', '.join(sorted(sources))} with task={task}"
+                f"data={source} is not a {cls.task} source: with task={cls.task} choose data= "
+                f"from {', '.join(sorted(cls.sources))}"
             )
+
+    def _choose_source_and_augment(self, source: str, augment: Mapping[str, Any] | None) -> None:
+        """Set ``source``, ``augment`` and ``augment_name``, each checked against what this
+        data module serves; either unknown is one line naming the choices."""
+        self.check_source(source)
         self.source = source
         self.augment = dict(augment or {"name": "none"})
         self.augment_name = str(self.augment.get("name", "none"))
-        if self.augment_name not in augments:
+        if self.augment_name not in self.augments:
             raise UserError(
-                f"augment={self.augment_name} is not available for {task}: choose "
-                f"{', '.join(augments)}"
+                f"augment={self.augment_name} is not available for {self.task}: choose "
+                f"{', '.join(self.augments)}"
             )
 
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:

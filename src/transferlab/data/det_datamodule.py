@@ -74,6 +74,9 @@ class DetectionDataModule(SplitDataModule):
     """
 
     collate_fn = staticmethod(detection_collate)
+    task = "detection"
+    sources = DET_SOURCES  # the registry: sources registered later count too
+    augments = DET_AUGMENTS
 
     def __init__(
         self,
@@ -102,7 +105,7 @@ class DetectionDataModule(SplitDataModule):
         download: bool = True,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, seed)
-        self._choose_source_and_augment("detection", source, DET_SOURCES, augment, DET_AUGMENTS)
+        self._choose_source_and_augment(source, augment)
         for key, value in (
             ("train_images", train_images),
             ("images_per_class", images_per_class),

@@ -27,6 +27,10 @@ class SegmentationDataModule(SplitDataModule):
     the classes other than background), so sweeps written for classification apply as is.
     """
 
+    task = "segmentation"
+    sources = SEG_SOURCES
+    augments = SEG_AUGMENTS
+
     def __init__(
         self,
         source: str,
@@ -46,7 +50,7 @@ class SegmentationDataModule(SplitDataModule):
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, seed)
-        self._choose_source_and_augment("segmentation", source, SEG_SOURCES, augment, SEG_AUGMENTS)
+        self._choose_source_and_augment(source, augment)
         _check_positive("train_images", train_images)
         _check_positive("samples_per_class", samples_per_class)
         self.root = root

@@ -157,6 +157,9 @@ def construct_datamodule(factory: Callable[..., Any], cfg: Any, **extra: Any) ->
 
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     augment = OmegaConf.to_container(cfg.augment, resolve=True) if cfg.get("augment") else None
+    check_source = getattr(factory, "check_source", None)
+    if check_source is not None:  # before the keys, which differ between tasks' sources
+        check_source(data_cfg.get("source"))
     try:
         datamodule = factory(
             **data_cfg,

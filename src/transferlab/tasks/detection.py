@@ -77,7 +77,14 @@ class Detection(Task):
     def build_datamodule(self, cfg: Any):
         from transferlab.data.det_datamodule import DetectionDataModule
 
-        return construct_datamodule(DetectionDataModule, cfg)
+        datamodule = construct_datamodule(DetectionDataModule, cfg)
+        size = int(datamodule.data_config["input_size"][1])
+        if size != self.image_size:
+            raise UserError(
+                f"task.image_size={self.image_size} sizes the feature pyramid for {size} px "
+                f"images (data.image_size): leave task.image_size unset, or set both the same"
+            )
+        return datamodule
 
     def build_network(self, model_cfg: Any, num_classes: int) -> nn.Module:
         from transferlab.models.detection import build_detector

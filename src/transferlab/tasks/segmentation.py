@@ -94,14 +94,8 @@ class Segmentation(Task):
         self.decoder, self.loss, self.ignore_index = decoder, loss, int(ignore_index)
 
     def build_datamodule(self, cfg: Any):
-        from transferlab.data.seg_datamodule import SEG_SOURCES, SegmentationDataModule
+        from transferlab.data.seg_datamodule import SegmentationDataModule
 
-        source = cfg.data.get("source")
-        if source not in SEG_SOURCES:
-            raise UserError(
-                f"data={source} is not a segmentation source: with task=segmentation "
-                f"choose data= from {', '.join(SEG_SOURCES)}"
-            )
         return construct_datamodule(SegmentationDataModule, cfg, ignore_index=self.ignore_index)
 
     def build_network(self, model_cfg: Any, num_classes: int) -> nn.Module:
