@@ -141,6 +141,8 @@ def read_back(uri: str, experiment_id: str, jobs: int, steps: int) -> list[dict]
     """Per job: the run found, its status, and points found, lost, duplicated, wrong."""
     import mlflow
 
+    from transferlab.tracking.run import readable
+
     client = mlflow.MlflowClient(uri)
     runs: dict[int, list] = {}
     for run in client.search_runs([experiment_id], max_results=1000):
@@ -166,7 +168,8 @@ def read_back(uri: str, experiment_id: str, jobs: int, steps: int) -> list[dict]
             row["wrong"] += sum(
                 1
                 for point in history
-                if point.step not in expected or point.value != expected[point.step][key]
+                if point.step not in expected
+                or point.value != readable(expected[point.step][key])  # as the store keeps it
             )
         checked.append(row)
     return checked

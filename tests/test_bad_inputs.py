@@ -201,6 +201,7 @@ def assert_failed_run(place: dict[str, Path], experiment: str, message: str) -> 
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert run.info.status == "FAILED"
     assert run.data.tags["error"] == f"UserError: {message}"
+    assert run.data.tags["mlflow.note.content"] == f"**Failed**: UserError: {message}"
 
 
 @pytest.mark.parametrize(

@@ -96,7 +96,7 @@ def test_train_records_a_finished_mlflow_run(tmp_path: Path) -> None:
         assert tags.get(key), key
     assert "data.samples_per_class=20" in tags["overrides"]
     assert tags["version.torch"] and tags["version.mlflow"]
-    assert tags["mlflow.runName"].startswith("tf_efficientnet_lite0-full")
+    assert tags["mlflow.runName"].startswith("lite0 · full")
     # Every speed setting chosen for the machine is printed and tagged with its reason.
     assert "Speed settings on" in result.stdout and tags["machine.cpu"]
     for name in SPEED_SETTINGS:
@@ -107,12 +107,23 @@ def test_train_records_a_finished_mlflow_run(tmp_path: Path) -> None:
     metrics = run.data.metrics
     assert metrics["test/acc"] == pytest.approx(printed["test/acc"], abs=1e-4)
     val_history = client.get_metric_history(run_id, "val/acc")
-    assert len(val_history) == 2  # one per epoch
-    assert "train/loss_epoch" in metrics and "lr-AdamW/head" in metrics
+    assert [point.step for point in val_history] == [0, 1]  # charted against the epoch
+    assert "train/loss_epoch" in metrics
+    # One learning rate per distinct rate, against the epoch; float32 noise rounded off.
+    assert sorted(key for key in metrics if key.startswith("lr")) == ["lr/backbone", "lr/head"]
+    assert [p.step for p in client.get_metric_history(run_id, "lr/head")] == [0, 1]
+    assert all(value == float(f"{value:.7g}") for value in metrics.values())
+    # The description (MLflow's run page and table) holds the key result.
+    note = tags["mlflow.note.content"]
+    assert (
+        note.startswith(f"test/acc {metrics['test/acc']:.4f} · test/f1 ") and "best val/acc" in note
+    )
     assert metrics["params/trainable"] == metrics["params/total"] > 3_000_000  # full
 
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config", "test", "checkpoints"} <= artifacts
+    # Also at the root, where MLflow's Compare view shows runs' figures side by side.
+    assert {"confusion_matrix.png", "learning_curves.png"} <= artifacts
     config_files = {Path(a.path).name for a in client.list_artifacts(run_id, "config")}
     assert {"config.yaml", "overrides.yaml"} <= config_files
     test_files = {Path(a.path).name for a in client.list_artifacts(run_id, "test")}

@@ -282,7 +282,10 @@ def test_a_coco_file_trains_through_the_cli_into_a_finished_run(coco_run) -> Non
     assert run.info.status == "FINISHED"
     assert set(run.data.metrics) >= METRICS
     assert run.data.params["data.source"] == "coco"
-    assert "'test_size': 3" in run.data.tags["data.summary"]
+    assert "test_size=3" in run.data.tags["data.summary"]
+    (dataset,) = run.inputs.dataset_inputs  # MLflow's Dataset column
+    assert dataset.dataset.name == "coco"
+    assert dataset.dataset.digest == run.data.tags["data.fingerprint"]
     files = {Path(a.path).name for a in client.list_artifacts(run_id, "test")}
     assert "predictions.png" in files
     # The corruption suite ran through the detection task's evaluation step, without the

@@ -76,6 +76,19 @@ def test_grid_sweep_has_one_parent_with_a_comparison_and_a_child_per_job(tmp_pat
         zip(children["params.finetune.strategy"], children["params.optimizer.lr"], strict=True)
     )
     assert combos == {(s, lr) for s in ("linear_probe", "full") for lr in ("0.001", "0.0003")}
+    # Each child is named by what varies first, floats written short.
+    for name, strategy, lr in zip(
+        children["tags.mlflow.runName"],
+        children["params.finetune.strategy"],
+        children["params.optimizer.lr"],
+        strict=True,
+    ):
+        short_lr = {"0.001": "1e-3", "0.0003": "3e-4"}[lr]
+        assert name.startswith(f"{strategy} · lr={short_lr} · lite0 · "), name
+    # Params hold what describes the experiment: no per-job path, no build keys.
+    assert not [c for c in children.columns if c.startswith("params.paths.")]
+    assert not [c for c in children.columns if c.endswith(("._target_", "._partial_"))]
+    assert "params.callbacks.model_checkpoint.dirpath" not in children.columns
 
     # The best child by the monitored metric is tagged, and the parent holds its value.
     best = children.loc[children["metrics.best/val/acc"].idxmax()]
@@ -83,6 +96,9 @@ def test_grid_sweep_has_one_parent_with_a_comparison_and_a_child_per_job(tmp_pat
     assert best["tags.sweep.best"] == "true"
     assert parent["metrics.best/val/acc"] == pytest.approx(best["metrics.best/val/acc"])
     assert parent["metrics.sweep/jobs"] == 4 and parent["metrics.sweep/failed"] == 0
+    # The parent's description links its best child's page.
+    note = parent["tags.mlflow.note.content"]
+    assert f"(#/experiments/{parent.experiment_id}/runs/{best.run_id})" in note
 
     client = mlflow.MlflowClient(store(tmp_path))
     names = {a.path for a in client.list_artifacts(parent.run_id)}

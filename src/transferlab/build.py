@@ -86,14 +86,15 @@ def build_trainer(
     cfg: DictConfig, callbacks: list, logger: Any, root_dir: str, **extra: Any
 ) -> pl.Trainer:
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.callbacks import ModelCheckpoint
 
+    from transferlab.callbacks import LearningRates
     from transferlab.runtime import RUNTIME_KEYS
 
     options = OmegaConf.to_container(cfg, resolve=True)
     options = {k: v for k, v in options.items() if k not in RUNTIME_KEYS}
     if not logger:  # nothing to record learning rates into
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRates)]
     try:
         return pl.Trainer(
             **options,

@@ -1,5 +1,5 @@
-"""The Lightning callbacks every run uses: an image counter and a divergence guard, and
-per-epoch random state."""
+"""The Lightning callbacks every run uses: an image counter and a divergence guard,
+per-epoch random state, and the learning rates a person reads."""
 
 from __future__ import annotations
 
@@ -79,3 +79,43 @@ class EpochSeed(pl.Callback):
         pl.seed_everything(
             (self.seed * 1_000_003 + trainer.current_epoch) % 2**32, workers=True, verbose=False
         )
+
+
+class LearningRates(pl.Callback):
+    """Logs, at each epoch's first batch, one learning rate per distinct rate that trains:
+    ``lr/head``, and ``lr/backbone`` (``lr/backbone.<stage>`` per stage only where the
+    stages' rates differ, as with layer decay). Groups whose parameters are all frozen are
+    left out, and a group's ``_no_decay`` twin (the same rate) is not repeated. Logged with
+    the epoch, so MLflow charts them against it.
+    """
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx != 0 or not trainer.loggers:
+            return
+        rates = {
+            f"lr/{name}": value
+            for optimizer in trainer.optimizers
+            for name, value in distinct_rates(optimizer.param_groups).items()
+        }
+        if rates:
+            for logger in trainer.loggers:
+                logger.log_metrics(
+                    {**rates, "epoch": trainer.current_epoch}, step=trainer.global_step
+                )
+
+
+def distinct_rates(groups: list[dict[str, Any]]) -> dict[str, float]:
+    """``{name: lr}`` of the groups with a trainable parameter; the backbone's stages as one
+    ``backbone`` when they all learn at one rate."""
+    trainable: dict[str, float] = {}
+    for index, group in enumerate(groups):
+        if any(p.requires_grad for p in group["params"]):
+            name = str(group.get("name", f"group{index}")).removesuffix("_no_decay")
+            trainable.setdefault(name, float(group["lr"]))
+    stages = {name: lr for name, lr in trainable.items() if name.startswith("backbone.")}
+    if stages and len(set(stages.values())) == 1:
+        trainable = {name: lr for name, lr in trainable.items() if name not in stages}
+        trainable["backbone"] = next(iter(stages.values()))
+    return trainable

@@ -161,6 +161,7 @@ def fit_and_test(
         record_results,
         record_setup,
         report_speed,
+        result_description,
     )
 
     parts = build_parts(cfg, runtime)
@@ -215,6 +216,8 @@ def fit_and_test(
         timings["time/shift_s"] = time.perf_counter() - started
         if run is not None:
             run.log_metrics({"time/shift_s": timings["time/shift_s"]})
+    if run is not None:
+        run.describe(result_description(parts.task, cfg.monitor, best, test_metrics, timings))
     print_summary({**test_metrics, **(shifted.metrics() if shifted else {}), **timings}, run, cfg)
     return best
 

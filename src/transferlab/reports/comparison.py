@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import shlex
+import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -128,7 +129,7 @@ def comparison_rows(
             "trainable params": metrics.get("params/trainable", math.nan),
             "wall time (s)": wall,
             "images/s": metrics.get("perf/train_images_per_s", math.nan),
-            "error": run.data.tags.get("error", "")[:200],
+            "error": run.data.tags.get("error", ""),
         }
         rows.append(row)
     return rows
@@ -229,10 +230,34 @@ def markdown(comparison: Comparison) -> str:
         cells = [format_cell(row[c]) for c in columns]
         if "run_id" in columns:
             cells[columns.index("run_id")] = row["run_id"][:8]
+        if "error" in columns:  # the first line, cut; the CSV has the whole text
+            cells[columns.index("error")] = short_error(row["error"])
         if row is best:
             cells[columns.index("overrides")] += " *"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+ERROR_CHARS = 80  # of an error's first line in the Markdown table
+
+
+def short_error(text: str) -> str:
+    """An error's first line, at most ``ERROR_CHARS`` characters, table-safe."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    line = line.replace("|", "/")
+    return line if len(line) <= ERROR_CHARS else line[: ERROR_CHARS - 1] + "…"
+
+
+def description(comparison: Comparison, client: Any) -> str:
+    """The parent run's MLflow description: the summary, with a link to the best child's
+    page (a link relative to the dashboard, so it works on any host)."""
+    best = comparison.best()
+    text = summary(comparison)
+    if best is None:
+        return text
+    run = client.get_run(best["run_id"])
+    page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    return f"{text}\n\nBest run: [{run.info.run_name}]({page})"
 
 
 def summary(comparison: Comparison) -> str:
@@ -284,9 +309,14 @@ def chart(comparison: Comparison):
         for ax, metric in zip(panels, metrics, strict=True):
             spread_axes(ax, groups, metric)
         panels[0].invert_yaxis()  # first configuration on top (the y axis is shared)
-    fig.suptitle(f"{comparison.title} ({len(finished)} of {len(comparison.rows)} jobs finished)")
-    fig.tight_layout()
+    title = f"{comparison.title} ({len(finished)} of {len(comparison.rows)} jobs finished)"
+    # Wrapped to the figure's width, and laid out with the panels, so none of it is cut.
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * TITLE_CHARS_PER_INCH)))
+    fig.set_layout_engine("constrained")
     return fig
+
+
+TITLE_CHARS_PER_INCH = 11  # of a 12 pt title
 
 
 def grouped(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -1,9 +1,8 @@
 """Learning curves of a run, read back from its MLflow metric histories.
 
-Lightning logs an ``epoch`` metric with every dict of metrics, in the same request (same
-step, same timestamp), so each per-epoch point finds its epoch there; a point that does
-not (or histories whose epochs repeat) falls back to the order of the points. The same
-reading serves every task: only the names of the metrics differ.
+Epoch-level metrics are logged with the epoch as their step (``tracking.run.RunLogger``), so
+a point's step is its epoch; histories whose steps repeat fall back to the order of the
+points. The same reading serves every task: only the names of the metrics differ.
 """
 
 from __future__ import annotations
@@ -13,30 +12,27 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 TRAIN_LOSS = "train/loss_epoch"
+LEARNING_CURVES = "curves/learning_curves.png"
 VAL_LOSS = "val/loss"
 
 Curve = tuple[list[int], list[float]]
 
 
-def epoch_curve(history: Sequence[Any], epochs: Mapping[tuple[int, int], int]) -> Curve:
-    """(epochs, values) of one metric's history; ``epochs`` maps (step, timestamp) to epoch."""
+def epoch_curve(history: Sequence[Any]) -> Curve:
+    """(epochs, values) of one epoch-level metric's history."""
     points = sorted(history, key=lambda m: (m.step, m.timestamp))
     values = [float(m.value) for m in points]
-    found = [epochs.get((m.step, m.timestamp)) for m in points]
-    if None in found or len(set(found)) != len(found):
+    steps = [int(m.step) for m in points]
+    if len(set(steps)) != len(steps):
         return list(range(len(points))), values
-    return [int(e) for e in found], values
+    return steps, values
 
 
 def run_curves(client: Any, run_id: str, names: Sequence[str]) -> dict[str, Curve]:
     """The per-epoch curve of each metric in ``names`` that the run has (others left out)."""
     logged = client.get_run(run_id).data.metrics
-    epochs = {
-        (m.step, m.timestamp): int(m.value)
-        for m in (client.get_metric_history(run_id, "epoch") if "epoch" in logged else [])
-    }
     return {
-        name: epoch_curve(client.get_metric_history(run_id, name), epochs)
+        name: epoch_curve(client.get_metric_history(run_id, name))
         for name in dict.fromkeys(names)
         if name in logged
     }
@@ -100,5 +96,5 @@ def log_learning_curves(run: Any, monitor: str, mode: str, title: str = "") -> N
     names = [TRAIN_LOSS, VAL_LOSS, train_counterpart(monitor), monitor]
     curves = run_curves(run.client, run.run_id, names)
     figure = learning_curves_figure(curves, monitor, mode, title)
-    run.log_figure(figure, "curves/learning_curves.png")
+    run.log_figure(figure, LEARNING_CURVES)
     plt.close(figure)

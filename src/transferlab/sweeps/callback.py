@@ -192,6 +192,7 @@ def close_parent(client: Any, parent_run_id: str, sweep_dir: Path) -> tuple[str,
         metrics[f"best/{result.monitor}"] = best[result.metric_column]
         client.set_tag(parent_run_id, "sweep.best_run_id", best["run_id"])
         client.set_tag(parent_run_id, "sweep.best_overrides", best["overrides"])
+    client.set_tag(parent_run_id, "mlflow.note.content", cmp.description(result, client))
     for name, value in metrics.items():
         client.log_metric(parent_run_id, name, float(value))
     print(f"\n{cmp.markdown(result)}\n\n{cmp.summary(result)}", flush=True)

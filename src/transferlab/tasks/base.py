@@ -66,6 +66,9 @@ class Task:
     spatial_targets: ClassVar[bool] = False
     # The test metrics a sweep's comparison table shows, most important first.
     compare_metrics: ClassVar[tuple[str, ...]] = ()
+    # The report's figures MLflow's Compare view shows side by side (also logged at the
+    # root of the run's artifacts, under their file names).
+    compare_figures: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
         if options:

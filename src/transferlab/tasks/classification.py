@@ -32,6 +32,7 @@ class Classification(Task):
     target = "label"
     supports_feature_cache = True
     compare_metrics = ("test/acc", "test/f1", "test/top5")
+    compare_figures = ("test/confusion_matrix.png",)
 
     def build_datamodule(self, cfg: Any):
         from transferlab.data import TransferDataModule

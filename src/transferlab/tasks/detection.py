@@ -54,6 +54,7 @@ class Detection(Task):
     supports_feature_cache = False
     spatial_targets = True
     compare_metrics = ("test/map", "test/map_50", "test/map_75", "test/mar_100")
+    compare_figures = ("test/predictions.png",)
 
     def __init__(
         self,

@@ -81,6 +81,7 @@ class Segmentation(Task):
     supports_feature_cache = False
     spatial_targets = True
     compare_metrics = ("test/miou", "test/dice", "test/pixel_acc")
+    compare_figures = ("test/predictions.png",)
 
     def __init__(
         self, decoder: str = "unet", loss: str = "ce+dice", ignore_index: int = 255

@@ -44,27 +44,99 @@ def finetune_label(cfg: DictConfig) -> str:
     return str(cfg.finetune.strategy)
 
 
+NAME_SEPARATOR = " · "
+
+
 def run_name(cfg: DictConfig, overrides: list[str]) -> str:
+    """``tracking.run_name``, else a name a person tells apart in MLflow's table: in a sweep,
+    what varies between its jobs first (``lr=1e-3 · lite0 · linear_probe``), then the model
+    and the strategy, then the job's other overrides; floats written compactly."""
     if cfg.tracking.get("run_name"):
         return str(cfg.tracking.run_name)
     from transferlab.tracking.redact import redact_text
 
-    shown = [o for o in overrides if not o.startswith(("model=", "hydra."))]
-    return redact_text(" ".join([f"{cfg.model.name}-{finetune_label(cfg)}", *shown]))[:250]
+    swept = swept_keys()
+    pairs = [o.split("=", 1) for o in overrides if "=" in o and not o.startswith("hydra.")]
+    varying = [(key, value) for key, value in pairs if key.lstrip("+~") in swept]
+    rest = [
+        (key, value)
+        for key, value in pairs
+        if key.lstrip("+~") not in swept and key not in ("model", "finetune")
+    ]
+    parts = [short_override(key, value) for key, value in varying]
+    for group, label in (("model", short_model(cfg)), ("finetune", finetune_label(cfg))):
+        if group not in swept:
+            parts.append(label)
+    parts += [short_override(key, value) for key, value in rest]
+    return redact_text(NAME_SEPARATOR.join(parts))[:250]
+
+
+def short_override(key: str, value: str) -> str:
+    """``optimizer.lr=0.001`` -> ``lr=1e-3``; a config group's choice is its value alone."""
+    key = key.lstrip("+~")
+    if key in ("model", "finetune", "data", "task", "detector", "optimizer", "scheduler"):
+        return value
+    return f"{key.rsplit('.', 1)[-1]}={compact(value)}"
+
+
+def compact(value: str) -> str:
+    """A number written short: 0.001 -> 1e-3, 1000000000000.0 -> 1e12, 0.30 -> 0.3; other
+    text unchanged."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if number == 0 or 1e-2 <= abs(number) < 1e4:
+        return f"{number:.4g}"
+    mantissa, exponent = f"{number:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def short_model(cfg: DictConfig) -> str:
+    """The ``model=`` choice (or ``model.name``), EfficientNet-Lite as ``lite0``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    name = str(cfg.model.name)
+    if HydraConfig.initialized():
+        name = str(HydraConfig.get().runtime.choices.get("model") or name)
+    return name.removeprefix("tf_").replace("efficientnet_lite", "lite")
+
+
+def swept_keys() -> set[str]:
+    """The keys a Hydra multirun varies: the sweeper's ``params`` and the command line's
+    sweep overrides (``a=1,2``, ``range(...)``, ...); empty outside a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if sweep_job_num() is None:
+        return set()
+    hydra = HydraConfig.get()
+    sweep_file = Path(hydra.sweep.dir) / "multirun.yaml"
+    typed: list[str] = []
+    if sweep_file.is_file():
+        typed = [str(o) for o in OmegaConf.load(sweep_file).hydra.overrides.task]
+    params = hydra.sweeper.get("params") or {}
+    typed += [f"{key}={value}" for key, value in params.items()]
+    try:
+        parsed = OverridesParser.create().parse_overrides(typed)
+    except Exception:  # an override only the sweeper understands: no name is worth a failure
+        return set(params)
+    return {o.key_or_group for o in parsed if o.is_sweep_override()} | set(params)
 
 
 def record_config(run: TrackedRun, cfg: DictConfig) -> None:
-    """Config as params; provenance and sweep membership as tags; the config files as artifacts.
+    """What describes the experiment as params (``experiment_params``); provenance, the
+    output folder and sweep membership as tags; the whole config's files as artifacts.
 
     Secrets stay out (``tracking.redact``): ``TrackedRun`` redacts params and tags, and the
     config files Hydra wrote into the output folder are redacted in place before upload.
     """
     from transferlab.tracking import provenance
-    from transferlab.tracking.params import flatten
+    from transferlab.tracking.params import experiment_params
     from transferlab.tracking.redact import redact_files, redact_logging
 
     redact_logging()
-    run.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    run.log_params(experiment_params(OmegaConf.to_container(cfg, resolve=True)))
     overrides = task_overrides()
     job_num = sweep_job_num()
     tags = {
@@ -98,9 +170,15 @@ def hydra_sweep_files() -> list[Path]:
 
 
 def record_setup(run: TrackedRun, datamodule: Any, network: Any) -> None:
-    """What the data and the network turned out to be."""
-    run.set_tags(
-        {"data.fingerprint": datamodule.fingerprint(), "data.summary": datamodule.summary()}
+    """What the data and the network turned out to be: the data's fingerprint and summary
+    as tags and as the run's dataset (MLflow's Dataset column), the parameter count."""
+    summary = ", ".join(f"{key}={value}" for key, value in datamodule.summary().items())
+    run.set_tags({"data.fingerprint": datamodule.fingerprint(), "data.summary": summary})
+    run.log_dataset(
+        name=str(datamodule.source),
+        digest=datamodule.fingerprint(),
+        source={"source": str(datamodule.source), "root": str(getattr(datamodule, "root", None))},
+        tags={"summary": summary},
     )
     total = sum(p.numel() for p in network.parameters())
     run.log_params({"model.params_total": str(total)})
@@ -125,8 +203,9 @@ def record_results(
 ) -> None:
     """The learning curves, the task's test report, the best checkpoint as an artifact and
     as an MLflow Model."""
-    from transferlab.reports.curves import log_learning_curves
+    from transferlab.reports.curves import LEARNING_CURVES, log_learning_curves
 
+    run.compare_figures.update({LEARNING_CURVES, *task.compare_figures})
     log_learning_curves(run, cfg.monitor, cfg.mode, title=f"{cfg.model.name}-{finetune_label(cfg)}")
     task.report(run, cfg, module, datamodule)
     if best_path and cfg.tracking.get("log_checkpoint", True):
@@ -157,3 +236,20 @@ def record_model(
         return
     run.log_metrics({"time/log_model_s": seconds})
     print(f"MLflow model: runs:/{run.run_id}/{MODEL_NAME} (logged in {seconds:.1f} s)", flush=True)
+
+
+def result_description(
+    task: Task,
+    monitor: str,
+    best: float,
+    test_metrics: Mapping[str, float],
+    timings: Mapping[str, float],
+) -> str:
+    """The run's key result in one line, for its MLflow description: the task's first two
+    test metrics, the best monitored value and the fit time."""
+    shown = [f"{name} {test_metrics[name]:.4f}" for name in task.compare_metrics[:2]
+             if name in test_metrics]  # fmt: skip
+    shown.append(f"best {monitor} {best:.4f}")
+    if "time/fit_s" in timings:
+        shown.append(f"fit {timings['time/fit_s']:.0f} s")
+    return " · ".join(shown)

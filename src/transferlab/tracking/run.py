@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,20 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 from transferlab.tracking.params import check_lengths
 from transferlab.tracking.redact import redact_values
+
+DESCRIPTION_TAG = "mlflow.note.content"  # what MLflow shows as a run's description
+# Lightning's name for the per-batch values of a metric logged both per batch and per epoch.
+PER_BATCH_SUFFIX = "_step"
+SIGNIFICANT_DIGITS = 7  # a float32's precision: the digits past it are noise
+
+
+def readable(value: Any) -> float:
+    """``value`` as a float without float32's noise: 0.85619997 (0.8562 in float32) is
+    0.8562; an integer-valued or non-finite one is unchanged."""
+    number = float(value)
+    if not math.isfinite(number) or number.is_integer():
+        return number
+    return float(f"{number:.{SIGNIFICANT_DIGITS}g}")
 
 
 class RunLogger(MLFlowLogger):
@@ -29,14 +44,20 @@ class RunLogger(MLFlowLogger):
         self.logged_through = dict(logged_through or {})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        if self.logged_through and step is not None:
-            metrics = {
-                key: value
-                for key, value in metrics.items()
-                if step > self.logged_through.get(key, -1)
-            }
-        if metrics:
-            super().log_metrics(metrics, step)
+        """Per-batch metrics (``*_step``) and Lightning's ``epoch`` at the global step; the
+        others, per epoch or once, at the epoch Lightning sends with them, so MLflow charts
+        them against the epoch."""
+        metrics = {key: readable(value) for key, value in metrics.items()}
+        epoch = metrics.get("epoch")
+        per_batch = {
+            k: v for k, v in metrics.items() if k.endswith(PER_BATCH_SUFFIX) or k == "epoch"
+        }
+        rest = {k: v for k, v in metrics.items() if k not in per_batch}
+        for group, at in ((per_batch, step), (rest, step if epoch is None else int(epoch))):
+            if self.logged_through and at is not None:
+                group = {k: v for k, v in group.items() if at > self.logged_through.get(k, -1)}
+            if group:
+                super().log_metrics(group, at)
 
     def log_hyperparams(self, params: Any) -> None:
         pass
@@ -55,6 +76,8 @@ class TrackedRun:
         self.experiment_id = experiment_id
         self.tracking_uri = tracking_uri
         self.client = mlflow.MlflowClient(tracking_uri)
+        # Figures also logged at the root, for MLflow's Compare view (``log_figure``).
+        self.compare_figures: set[str] = set()
 
     def logger(self, resumed: bool = False) -> RunLogger:
         """Lightning's logger into this run; ``resumed``: skip the steps logged already."""
@@ -84,13 +107,34 @@ class TrackedRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
+        batch = [Metric(key, readable(value), now, step or 0) for key, value in metrics.items()]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in redact_values(tags).items():
             self.client.set_tag(self.run_id, key, value)
+
+    def log_dataset(
+        self, name: str, digest: str, source: Mapping[str, str], tags: Mapping[str, str]
+    ) -> None:
+        """The run's data as an MLflow dataset input (name, digest, where it comes from), so
+        the runs table's Dataset column shows it; ``tags`` go on the input."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        origin = CodeDatasetSource(tags=redact_values(dict(source)))
+        dataset = MetaDataset(origin, name=name, digest=digest)
+        input_tags = [InputTag("mlflow.data.context", "train+val+test")]
+        input_tags += [InputTag(key, value) for key, value in redact_values(tags).items()]
+        self.client.log_inputs(
+            self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), input_tags)]
+        )
+
+    def describe(self, text: str) -> None:
+        """The run's description in MLflow (markdown, shown on its page and in its table)."""
+        self.set_tags({DESCRIPTION_TAG: text})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -100,7 +144,12 @@ class TrackedRun:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """``figure`` as ``artifact_file``; one of ``compare_figures`` also at the root of
+        the run's artifacts, where MLflow's Compare view shows runs' figures side by side
+        (it compares root-level artifacts only)."""
         self.client.log_figure(self.run_id, figure, artifact_file)
+        if artifact_file in self.compare_figures:
+            self.client.log_figure(self.run_id, figure, Path(artifact_file).name)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
@@ -140,12 +189,14 @@ def start_run(
     except (KeyboardInterrupt, SystemExit, Interrupted) as err:  # Ctrl+C, SIGTERM
         if isinstance(err, Interrupted):
             with contextlib.suppress(Exception):
-                run.set_tags({"error": f"stopped by {err}"})
+                stopped = f"stopped by {err}"
+                run.set_tags({"error": stopped, DESCRIPTION_TAG: f"**Stopped** ({stopped})"})
         mlflow.end_run("KILLED")
         raise
     except BaseException as err:
         with contextlib.suppress(Exception):
-            run.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
+            error = f"{type(err).__name__}: {err}"[:5000]
+            run.set_tags({"error": error, DESCRIPTION_TAG: f"**Failed**: {error}"})
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
