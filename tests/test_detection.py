@@ -350,19 +350,14 @@ def test_predict_writes_boxes_in_each_images_own_pixels(
 
 
 def test_mlflow_model_gives_what_predict_gives(coco_run) -> None:
-    from test_mlflow_model import OFFLINE, store
+    from test_mlflow_model import load_offline
 
     from transferlab.predict import main as predict
 
     tmp_path, data, result = coco_run
     run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
     assert f"MLflow model: runs:/{run_id}/model" in result.stdout
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in OFFLINE.items():
-            patch.setenv(key, value)
-        patch.setenv("MLFLOW_TRACKING_URI", store(tmp_path))
-        mlflow.set_tracking_uri(store(tmp_path))
-        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    model = load_offline(tmp_path, run_id)
     signature = model.metadata.signature
     assert signature.outputs.input_names() == ["detections", "boxes"]
     assert signature.params.to_dict()[0]["name"] == "min_score"

@@ -28,6 +28,16 @@ def store(cwd: Path) -> str:
     return f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}"
 
 
+def load_offline(cwd: Path, run_id: str):
+    """``runs:/<run id>/model`` from the store in ``cwd``, loaded with no network."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in OFFLINE.items():
+            patch.setenv(key, value)
+        patch.setenv("MLFLOW_TRACKING_URI", store(cwd))  # restored afterwards
+        mlflow.set_tracking_uri(store(cwd))
+        return mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Six digits as 8x8 grayscale PNG files, as the digits source scales them."""
@@ -46,12 +56,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def model(trained_run):
     """``runs:/<run id>/model`` of the shared trained run, loaded offline."""
     cwd, _, run_id = trained_run
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in OFFLINE.items():
-            patch.setenv(key, value)
-        patch.setenv("MLFLOW_TRACKING_URI", store(cwd))  # restored after the module
-        mlflow.set_tracking_uri(store(cwd))
-        yield mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    return load_offline(cwd, run_id)
 
 
 def image_files(paths: list[Path]) -> pd.DataFrame:
@@ -73,7 +78,9 @@ def test_the_run_logs_its_best_model_with_a_signature_and_an_example(
     assert signature.inputs.to_dict() == [{"type": "binary", "name": "image", "required": True}]
     assert signature.outputs.input_names() == [*CLASSES, "predicted"]
     # The input example is a test image, as a tiny PNG file.
-    local = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path))
+    local = mlflow.artifacts.download_artifacts(
+        f"runs:/{run_id}/model", dst_path=str(tmp_path), tracking_uri=store(cwd)
+    )
     example = model.metadata.load_input_example(local)
     (png,) = example["image"]
     assert png.startswith(b"\x89PNG") and len(png) < 1000

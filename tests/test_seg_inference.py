@@ -10,14 +10,13 @@ import json
 import re
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from clitools import transferlab
 from PIL import Image
-from test_mlflow_model import OFFLINE, store
+from test_mlflow_model import load_offline
 
 TINY_SEGMENTATION = [
     "task=segmentation", "data.image_size=64", "data.train_images=16", "data.batch_size=8",
@@ -152,12 +151,7 @@ def test_mlflow_model_gives_what_predict_gives(seg_run, predicted, seg_images) -
     out, _ = predicted
     rows = read_rows(out / "predictions.csv")
     shares = list(rows[0])[2:]
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in OFFLINE.items():
-            patch.setenv(key, value)
-        patch.setenv("MLFLOW_TRACKING_URI", store(cwd))
-        mlflow.set_tracking_uri(store(cwd))
-        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    model = load_offline(cwd, run_id)
     signature = model.metadata.signature
     assert signature.inputs.to_dict() == [{"type": "binary", "name": "image", "required": True}]
     assert signature.outputs.input_names() == ["mask", *shares]

@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,20 +91,27 @@ def main(argv: list[str]) -> int:
             f"task={model.task.name} run: drop min_score="
         )
     out = Path(args["out"]).expanduser() if args["out"] else None
-    PREDICTORS[model.task.name](model, images, files, out, top_k, min_score, batch_size)
+    request = Request(images, files, out, top_k, min_score, batch_size)
+    PREDICTORS[model.task.name](model, request)
     return 0
 
 
-def classify(
-    model: Any,
-    images: Path,
-    files: list[Path],
-    out: Path | None,
-    top_k: int | None,
-    min_score: float | None,
-    batch: int,
-) -> None:
+@dataclass(frozen=True)
+class Request:
+    """What ``transferlab predict`` was asked: the images (as given, and the files found
+    there), ``out`` (None: the task's default), ``top_k``, ``min_score`` and the batch size."""
+
+    images: Path
+    files: list[Path]
+    out: Path | None
+    top_k: int | None
+    min_score: float | None
+    batch: int
+
+
+def classify(model: Any, request: Request) -> None:
     """The top-k classes of each image into the CSV ``out``."""
+    files, out, top_k, batch = request.files, request.out, request.top_k, request.batch
     out = out or Path(CSV_OUT)
     k = min(top_k or TOP_K, len(model.class_names))
     rows, skipped = predict_rows(model, files, k, batch)
@@ -115,16 +123,10 @@ def classify(
     print(f"Predicted {len(rows)} image(s) with {model.checkpoint} into {out}{note}")
 
 
-def segment(
-    model: Any,
-    images: Path,
-    files: list[Path],
-    out: Path | None,
-    top_k: int | None,
-    min_score: float | None,
-    batch: int,
-) -> None:
+def segment(model: Any, request: Request) -> None:
     """A mask PNG per image and the CSV of class shares into the folder ``out``."""
+    images, files, out, top_k = request.images, request.files, request.out, request.top_k
+    batch = request.batch
     from transferlab.explain import is_inside, staged_folder
     from transferlab.inference import SHARE_PREFIX
 
@@ -156,19 +158,13 @@ def segment(
     )
 
 
-def detect(
-    model: Any,
-    images: Path,
-    files: list[Path],
-    out: Path | None,
-    top_k: int | None,
-    min_score: float | None,
-    batch: int,
-) -> None:
+def detect(model: Any, request: Request) -> None:
     """The boxes of each image scoring at least ``min_score`` into the CSV or COCO results
     JSON ``out``."""
     from transferlab.inference import kept_detections
 
+    files, out, top_k, batch = request.files, request.out, request.top_k, request.batch
+    min_score = request.min_score
     if top_k is not None:
         raise UserError(
             f"top_k={top_k} ranks the classes of a whole image; a task=detection run finds "
