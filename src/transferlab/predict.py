@@ -68,6 +68,11 @@ MASKS_OUT = "predictions"  # the folder a segmentation run writes into
 MASK_SUFFIX = "_mask.png"
 BOXES_OUT = "detections.csv"
 MIN_SCORE = 0.5  # as the run's report draws its predicted boxes
+# What a run of a task that ranks no classes per image gives instead (top_k= is refused).
+NOT_RANKED = {
+    "segmentation": "predicts a class per pixel (a mask and each class's share of it)",
+    "detection": "finds boxes (min_score= keeps the confident ones)",
+}
 PROGRESS_FROM = 200  # images: fewer finish before a progress bar would help
 
 
@@ -89,6 +94,11 @@ def main(argv: list[str]) -> int:
         raise UserError(
             f"min_score={args['min_score']} filters a detector's boxes; this is a "
             f"task={model.task.name} run: drop min_score="
+        )
+    if top_k is not None and model.task.name in NOT_RANKED:
+        raise UserError(
+            f"top_k={top_k} ranks the classes of a whole image; a task={model.task.name} run "
+            f"{NOT_RANKED[model.task.name]}: drop top_k="
         )
     out = Path(args["out"]).expanduser() if args["out"] else None
     request = Request(images, files, out, top_k, min_score, batch_size)
@@ -125,16 +135,11 @@ def classify(model: Any, request: Request) -> None:
 
 def segment(model: Any, request: Request) -> None:
     """A mask PNG per image and the CSV of class shares into the folder ``out``."""
-    images, files, out, top_k = request.images, request.files, request.out, request.top_k
-    batch = request.batch
     from transferlab.explain import is_inside, staged_folder
     from transferlab.inference import SHARE_PREFIX
 
-    if top_k is not None:
-        raise UserError(
-            f"top_k={top_k} ranks the classes of a whole image; a task=segmentation run "
-            "predicts a class per pixel (a mask and each class's share of it): drop top_k="
-        )
+    images, files, out, batch = request.images, request.files, request.out, request.batch
+
     out = out or Path(MASKS_OUT)
     if out.suffix.lower() == ".csv" or (out.exists() and not out.is_dir()):
         raise UserError(
@@ -163,13 +168,7 @@ def detect(model: Any, request: Request) -> None:
     JSON ``out``."""
     from transferlab.inference import kept_detections
 
-    files, out, top_k, batch = request.files, request.out, request.top_k, request.batch
-    min_score = request.min_score
-    if top_k is not None:
-        raise UserError(
-            f"top_k={top_k} ranks the classes of a whole image; a task=detection run finds "
-            "boxes: drop top_k= (min_score= keeps the confident ones)"
-        )
+    files, out, min_score, batch = request.files, request.out, request.min_score, request.batch
     out = out or Path(BOXES_OUT)
     if out.is_dir():
         raise UserError(f"out={out} is a folder: a task=detection run writes a .csv or a .json")
@@ -219,20 +218,14 @@ def predict_boxes(
 ) -> tuple[list[tuple[Path, dict[str, Any]]], list[Path]]:
     """Each readable file's detections in its own pixels, and the files skipped (each
     reported on stderr)."""
-    import torch
 
     from transferlab.inference import predicted_boxes
 
     found: list[tuple[Path, dict[str, Any]]] = []
     skipped: list[Path] = []
-    with progress_bar(files) as progress, torch.inference_mode():
-        for group in batches(files, batch_size):
-            loaded = load_group(model, group, skipped, progress)
-            if not loaded:
-                continue
-            batch = torch.stack([t for _, _, t in loaded])
-            images = predicted_boxes(model.network, batch, [size for _, size, _ in loaded])
-            found += [(path, image) for (path, _, _), image in zip(loaded, images, strict=True)]
+    for paths, batch, sizes in loaded_batches(model, files, batch_size, skipped):
+        images = predicted_boxes(model.network, batch, sizes)
+        found += list(zip(paths, images, strict=True))
     return found, skipped
 
 
@@ -289,23 +282,17 @@ def predict_rows(
 ) -> tuple[list[list[str]], list[Path]]:
     """CSV rows (file, class and probability pairs) for the readable ``files``, and the
     files skipped as unreadable (each reported on stderr as it is met)."""
-    import torch
 
     rows: list[list[str]] = []
     skipped: list[Path] = []
     names = model.class_names
-    with progress_bar(files) as progress, torch.inference_mode():
-        for group in batches(files, batch_size):
-            loaded = load_group(model, group, skipped, progress)
-            if not loaded:
-                continue
-            probs = model.network(torch.stack([t for _, _, t in loaded])).float().softmax(1)
-            top = probs.topk(top_k, dim=1)
-            for (path, _, _), values, indices in zip(loaded, top.values, top.indices, strict=True):
-                pairs = [
-                    (names[int(i)], f"{float(v):.6f}") for v, i in zip(values, indices, strict=True)
-                ]
-                rows.append([str(path), *(item for pair in pairs for item in pair)])
+    for paths, batch, _ in loaded_batches(model, files, batch_size, skipped):
+        top = model.network(batch).float().softmax(1).topk(top_k, dim=1)
+        for path, values, indices in zip(paths, top.values, top.indices, strict=True):
+            pairs = [
+                (names[int(i)], f"{float(v):.6f}") for v, i in zip(values, indices, strict=True)
+            ]
+            rows.append([str(path), *(item for pair in pairs for item in pair)])
     return rows, skipped
 
 
@@ -319,7 +306,6 @@ def predict_masks(
 ) -> tuple[list[list[str]], list[Path]]:
     """Write each readable file's mask PNG as ``folder/<its name>``; the CSV rows (file, its
     mask under ``out``, class shares) and the files skipped (each reported on stderr)."""
-    import torch
 
     from transferlab.inference import class_shares, mask_png, predicted_masks
 
@@ -327,17 +313,11 @@ def predict_masks(
     skipped: list[Path] = []
     name_of = dict(zip(files, names, strict=True))
     classes = model.class_names
-    with progress_bar(files) as progress, torch.inference_mode():
-        for group in batches(files, batch_size):
-            loaded = load_group(model, group, skipped, progress)
-            if not loaded:
-                continue
-            batch = torch.stack([t for _, _, t in loaded])
-            masks = predicted_masks(model.network, batch, [size for _, size, _ in loaded])
-            for (path, _, _), mask in zip(loaded, masks, strict=True):
-                (folder / name_of[path]).write_bytes(mask_png(mask, classes))
-                shares = class_shares(mask, len(classes))
-                rows.append([str(path), str(out / name_of[path]), *(f"{s:.6f}" for s in shares)])
+    for paths, batch, sizes in loaded_batches(model, files, batch_size, skipped):
+        for path, mask in zip(paths, predicted_masks(model.network, batch, sizes), strict=True):
+            (folder / name_of[path]).write_bytes(mask_png(mask, classes))
+            shares = class_shares(mask, len(classes))
+            rows.append([str(path), str(out / name_of[path]), *(f"{s:.6f}" for s in shares)])
     return rows, skipped
 
 
@@ -353,6 +333,21 @@ def progress_bar(files: Sequence[Path]) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=len(files), desc="predict", unit="img", disable=len(files) < PROGRESS_FROM)
+
+
+def loaded_batches(
+    model: Any, files: Sequence[Path], batch_size: int, skipped: list[Path]
+) -> Iterator[tuple[list[Path], Any, list[tuple[int, int]]]]:
+    """(files, their preprocessed batch, each image's (H, W)) per batch of the readable
+    ``files``, under inference mode with a progress bar; unreadable ones go to ``skipped``."""
+    import torch
+
+    with progress_bar(files) as progress, torch.inference_mode():
+        for group in batches(files, batch_size):
+            loaded = load_group(model, group, skipped, progress)
+            if loaded:
+                batch = torch.stack([tensor for _, _, tensor in loaded])
+                yield [path for path, _, _ in loaded], batch, [size for _, size, _ in loaded]
 
 
 def load_group(
