@@ -327,3 +327,29 @@ def test_top_confusions_are_the_largest_off_diagonal_counts() -> None:
     # Ties broken by (true, predicted); the diagonal (correct) never counts.
     assert top_confusions(confusion, k=3) == [(0, 2, 9), (2, 0, 9), (0, 1, 3)]
     assert top_confusions(np.eye(3) * 5) == []
+
+
+def test_a_run_started_from_python_is_usable_like_a_cli_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``transferlab.train.run(cfg)`` without Hydra's CLI (no ``.hydra`` folder written by
+    Hydra) still saves its config, logs its MLflow Model and serves ``predict``."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from transferlab import CONF_DIR
+    from transferlab.inference import load_trained
+    from transferlab.train import run
+
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    with initialize_config_dir(config_dir=str(CONF_DIR)):
+        cfg = compose("train", overrides=[*SMOKE, "trainer.max_epochs=1"])
+    with open_dict(cfg):
+        cfg.paths.root = str(tmp_path)
+        cfg.paths.output_dir = str(tmp_path / "out")
+    run(cfg)
+    (found,) = mlflow.MlflowClient(store).search_runs(["1"])
+    assert found.data.metrics["time/log_model_s"] > 0
+    assert (tmp_path / "out" / ".hydra" / "config.yaml").is_file()
+    assert len(load_trained(tmp_path / "out").class_names) == 10  # the digits

@@ -154,9 +154,11 @@ def record_config(run: TrackedRun, cfg: DictConfig) -> None:
         tags["reproduces"] = cfg.reproduces
     run.set_tags(tags)
     hydra_dir = Path(cfg.paths.output_dir) / ".hydra"
-    if hydra_dir.is_dir():
-        redact_files(hydra_dir, *hydra_sweep_files())
-        run.log_artifact(hydra_dir, "config")
+    if not hydra_dir.is_dir():  # run() called from Python: the config as Hydra would save it
+        hydra_dir.mkdir(parents=True)
+        (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    redact_files(hydra_dir, *hydra_sweep_files())
+    run.log_artifact(hydra_dir, "config")
 
 
 def hydra_sweep_files() -> list[Path]:
