@@ -287,7 +287,7 @@ def test_a_coco_file_trains_through_the_cli_into_a_finished_run(coco_run) -> Non
     assert dataset.dataset.name == "coco"
     assert dataset.dataset.digest == run.data.tags["data.fingerprint"]
     files = {Path(a.path).name for a in client.list_artifacts(run_id, "test")}
-    assert "predictions.png" in files
+    assert {"predictions.png", "gradcam.png"} <= files
     # The corruption suite ran through the detection task's evaluation step, without the
     # geometric corruption; one corruption at one severity is the whole mean.
     assert {"shift/gaussian_noise/map", "shift/mean/map", "shift/relative_drop/map"} <= set(
@@ -381,3 +381,29 @@ def test_mlflow_model_gives_what_predict_gives(coco_run) -> None:
         assert [x1, y1, x2 - x1, y2 - y1] == pytest.approx(coco["bbox"], abs=0.01)
     fewer = model.predict(pd.DataFrame({"image": [files[0].read_bytes()]}))  # min_score 0.5
     assert fewer["boxes"][0] == sum(box["score"] >= 0.5 for box in first)
+
+
+def test_grad_cam_explains_the_best_detections_class(coco_run) -> None:
+    from transferlab.explain import main as explain
+    from transferlab.inference import load_trained
+    from transferlab.reports.gradcam import ClassScore, heat_maps
+
+    tmp_path, data, _ = coco_run
+    run, out = str(tmp_path / "out"), tmp_path / "explained"
+    assert explain([f"run={run}", f"images={data / '30.png'}", f"out={out}"]) == 0
+    assert (out / "30_gradcam.png").stat().st_size > 0 and (out / "gradcam.png").is_file()
+    # The explained score is the sum of the best box's class's scores, and the map varies.
+    found = {
+        "scores": torch.tensor([0.2, 0.9, 0.4]),
+        "labels": torch.tensor([2, 1, 1]),
+        "boxes": torch.zeros(3, 4),
+    }
+    assert float(ClassScore()(found)) == pytest.approx(1.3)
+    assert float(ClassScore(2)(found)) == pytest.approx(0.2)
+    model = load_trained(run)
+    with Image.open(data / "30.png") as image:
+        batch = model.transform(image.convert("RGB"))[None]
+    maps = heat_maps(model.network, batch)
+    best = int(maps.outputs[0]["scores"].argmax())
+    assert maps.classes == [int(maps.outputs[0]["labels"][best])]
+    assert maps.maps.shape == (1, 64, 64) and float(maps.maps.max() - maps.maps.min()) > 0.1

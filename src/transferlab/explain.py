@@ -235,4 +235,25 @@ def segment_titles(class_names: Sequence[str], logits: Any, explained: Sequence[
     ]
 
 
-TITLES = {"classification": class_titles, "segmentation": segment_titles}
+def detect_titles(class_names: Sequence[str], outputs: Any, explained: Sequence[int]) -> list[str]:
+    """``pred: Y (score 0.93, 3 boxes)``: the explained class, its best score and how many of
+    its boxes score at least the report's threshold."""
+    from transferlab.tasks.detection import REPORT_SCORE
+
+    titles = []
+    for found, cls in zip(outputs, explained, strict=True):
+        scores = found["scores"][found["labels"] == cls]
+        if not len(scores):
+            titles.append("no detection")
+            continue
+        boxes = int((scores >= REPORT_SCORE).sum())
+        best = float(scores.max())
+        titles.append(f"pred: {class_names[cls]} ({best:.2f}; {boxes} boxes >= {REPORT_SCORE})")
+    return titles
+
+
+TITLES = {
+    "classification": class_titles,
+    "segmentation": segment_titles,
+    "detection": detect_titles,
+}

@@ -9,12 +9,13 @@ from __future__ import annotations
 import csv
 import math
 import shlex
-import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from transferlab.reports.titles import fitted_suptitle
 
 # Runs recorded before tasks declared their columns (tag ``task.compare_metrics``) were
 # classification runs.
@@ -310,13 +311,9 @@ def chart(comparison: Comparison):
             spread_axes(ax, groups, metric)
         panels[0].invert_yaxis()  # first configuration on top (the y axis is shared)
     title = f"{comparison.title} ({len(finished)} of {len(comparison.rows)} jobs finished)"
-    # Wrapped to the figure's width, and laid out with the panels, so none of it is cut.
-    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * TITLE_CHARS_PER_INCH)))
+    fitted_suptitle(fig, title)
     fig.set_layout_engine("constrained")
     return fig
-
-
-TITLE_CHARS_PER_INCH = 11  # of a 12 pt title
 
 
 def grouped(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

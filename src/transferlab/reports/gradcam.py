@@ -13,7 +13,9 @@ no per-model code:
 The score explained is a class's logit (the predicted class unless told); for a per-pixel
 network (segmentation), the sum of the class's logits over the pixels predicted as that
 class, as ``pytorch_grad_cam``'s ``SemanticSegmentationTarget`` does, the class being the
-most frequent predicted non-background class (0) unless told.
+most frequent predicted non-background class (0) unless told; for a detector (outputs are
+per-image ``{boxes, scores, labels}``), the sum of the scores of the class's detections, the
+class being that of the highest-scoring detection unless told.
 
 Heat maps are computed in fp32 with gradients on, whatever inference mode or autocast the
 caller is in; gradients flow to the input only (parameters frozen or not: no ``.grad`` is
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from transferlab.errors import UserError
+from transferlab.reports.titles import fitted_suptitle
 
 MIN_CELLS = 4  # the smallest map side a CNN's target stage may have (else a shallower one)
 BACKGROUND = 0  # segmentation: the class a most-frequent-class target passes over
@@ -55,7 +58,7 @@ class HeatMaps:
     ``outputs`` (fp32, detached, on CPU), the class each map explains and the layer read."""
 
     maps: np.ndarray
-    outputs: torch.Tensor
+    outputs: Any  # a tensor (B, C[, H, W]); a detector's list of per-image dicts
     classes: list[int]
     layer: str
 
@@ -158,8 +161,10 @@ class ClassScore:
     def __init__(self, index: int | None = None) -> None:
         self.index = index
 
-    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+    def __call__(self, output: Any) -> torch.Tensor:
         index = explained_class(output, self.index)
+        if isinstance(output, Mapping):  # a detector's: the scores of the class's boxes
+            return output["scores"][output["labels"] == index].sum()
         if output.ndim == 1:
             return output[index]
         return (output[index] * (output.argmax(0) == index)).sum()
@@ -170,6 +175,9 @@ def explained_class(output: torch.Tensor, index: int | None) -> int:
     other than the background, the background if it is all there is)."""
     if index is not None:
         return int(index)
+    if isinstance(output, Mapping):  # a detector's: the class of its best box
+        scores = output["scores"]
+        return int(output["labels"][scores.argmax()]) if len(scores) else BACKGROUND
     if output.ndim == 1:
         return int(output.argmax())
     return most_frequent_class(output.argmax(0), output.shape[0])
@@ -227,12 +235,23 @@ def heat_maps(
         cam = GradCAM(network, [layer.module], reshape_transform=layer.reshape)
         try:
             maps = cam(inputs, [ClassScore(c) for c in wanted])
-            outputs = cam.outputs.detach().float().cpu()
+            outputs = detached(cam.outputs)
         finally:
             cam.activations_and_grads.release()
             cam.outputs = None
     explained = [explained_class(o, c) for o, c in zip(outputs, wanted, strict=True)]
     return HeatMaps(np.asarray(maps, dtype=np.float32), outputs, explained, layer.name)
+
+
+def detached(outputs: Any) -> Any:
+    """A network's outputs detached, fp32 (floats), on CPU: a tensor or a list of dicts."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.detach().float().cpu()
+    return [
+        {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+         for k, v in output.items()}
+        for output in outputs
+    ]  # fmt: skip
 
 
 def plain_cpu_copy(network: nn.Module) -> nn.Module:
@@ -295,7 +314,7 @@ def gradcam_figure(
         for ax in axes_row:
             ax.axis("off")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fitted_suptitle(fig, title, fontsize=10)
     fig.tight_layout()
     return fig
 

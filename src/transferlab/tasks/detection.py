@@ -152,6 +152,25 @@ class Detection(Task):
         )
         run.log_figure(figure, "test/predictions.png")
         plt.close(figure)
+        report_gradcam(run, cfg, module, images, names)
+
+
+def report_gradcam(run, cfg: Any, module: Any, images: torch.Tensor, names: list[str]) -> None:
+    """Grad-CAM of the report's test images (PNG), each for the class of its best detection:
+    the sum of that class's detection scores. On a plain fp32 CPU copy of the network."""
+    import matplotlib.pyplot as plt
+
+    from transferlab.explain import detect_titles
+    from transferlab.reports.gradcam import gradcam_figure, heat_maps, panels_of, plain_cpu_copy
+
+    maps = heat_maps(plain_cpu_copy(module.network), images)
+    titles = detect_titles(names, maps.outputs, maps.classes)
+    figure = gradcam_figure(
+        [("", panels_of(images, maps.maps, titles))],
+        title=f"{cfg.model.name}: Grad-CAM of each image's best detected class ({maps.layer})",
+    )
+    run.log_figure(figure, "test/gradcam.png")
+    plt.close(figure)
 
 
 def per_class_csv(scores: Any, names: list[str]) -> str:
