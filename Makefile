@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install data train test test-slow lint format ui bench clean
+.PHONY: install data browser train test test-slow lint format ui bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,13 +27,23 @@ data:
 	    echo "note: Fashion-MNIST is not installed; run 'sudo apt-get install dataset-fashion-mnist' to use it offline"; \
 	  fi; }
 
+# Chromium and its driver for the dashboard test (tests/test_review_ui.py, a slow one), from
+# Debian's packages when we can install them.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null; \
+	  else \
+	    echo "note: Chromium is not installed; run 'sudo apt-get install chromium chromium-driver' for the dashboard test"; \
+	  fi; }
+
 train: install data
 	$(BIN)/transferlab train $(ARGS)
 
 test: install data
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-slow: install data
+test-slow: install data browser
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 lint: install

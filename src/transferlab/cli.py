@@ -23,7 +23,8 @@ commands:
            transferlab train resume=<run id | run folder> continues a stopped run)
   compare print and save the comparison table and chart of a sweep or experiment
           (transferlab compare multirun/train/<date>/<time> | <parent run id> | <experiment>)
-  ui      open the MLflow dashboard for the local run store (mlruns/ here)
+  ui      serve the MLflow dashboard for the local run store (mlruns/ here) and print the
+          link to an experiment's runs table (transferlab ui [--experiment NAME] [--open])
   reproduce
           train again from what a finished run recorded and say whether the results match
           (transferlab reproduce <run id | run folder>)
@@ -49,6 +50,9 @@ options:
 Start with: transferlab train   (1-3 minutes on 2 CPU cores), then: transferlab ui
 """
 
+# One server process: the dashboard has one reader here, and 2-core machines are common.
+SERVER_WORKERS = "1"
+
 
 def train(argv: list[str]) -> int:
     from transferlab import train as train_module
@@ -60,19 +64,44 @@ def train(argv: list[str]) -> int:
 def ui(argv: list[str]) -> int:
     from pathlib import Path
 
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from transferlab.tracking import review
     from transferlab.tracking.redact import redact_uri
     from transferlab.tracking.store import artifact_root, existing_store_uri
 
     parser = argparse.ArgumentParser(
-        prog="transferlab ui", description="Open the MLflow dashboard on 127.0.0.1."
+        prog="transferlab ui",
+        description="Serve the MLflow dashboard on 127.0.0.1 and print the link to an "
+        "experiment's runs table, with the monitored and test metrics as columns.",
     )
     parser.add_argument("--store-dir", default="mlruns", help="local store folder (mlruns)")
     parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument(
+        "--experiment", help="experiment to show (default: the one of the newest run)"
+    )
+    parser.add_argument("--open", action="store_true", help="also open the link in a browser")
     args = parser.parse_args(argv)
     uri = existing_store_uri(args.store_dir)
     if uri.startswith(("http://", "https://")):
         print(f"MLFLOW_TRACKING_URI points to a server already: open {redact_uri(uri)}")
         return 0
+    # None of MLflow's job runners (GenAI judges and scorers: 9 processes), and no usage
+    # reports: the server would fetch their settings from the internet.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    base = f"http://127.0.0.1:{args.port}"
+    link = f"{base}/"
+    client = mlflow.MlflowClient(uri)
+    experiment = review.review_experiment(client, args.experiment)
+    if experiment is not None:
+        try:
+            view = review.save_review_view(client, experiment.experiment_id)
+        except MlflowException as err:  # a read-only store: the table without our columns
+            print(f"note: the metric columns are not preset ({str(err).splitlines()[0]})")
+            view = None
+        link = review.runs_table_url(base, experiment.experiment_id, view)
     artifacts = artifact_root(uri) or Path(args.store_dir).expanduser().resolve() / "artifacts"
     command = [
         sys.executable, "-m", "mlflow", "ui",
@@ -80,9 +109,13 @@ def ui(argv: list[str]) -> int:
         "--default-artifact-root", artifacts.as_uri(),
         "--host", "127.0.0.1",
         "--port", str(args.port),
+        "--workers", SERVER_WORKERS,
     ]  # fmt: skip
-    shown = redact_uri(uri)
-    print(f"MLflow dashboard for {shown} at http://127.0.0.1:{args.port} (Ctrl+C stops it)")
+    what = f"experiment {experiment.name!r}" if experiment is not None else "no runs yet"
+    print(f"MLflow dashboard for {redact_uri(uri)} ({what}; Ctrl+C stops it):\n  {link}")
+    sys.stdout.flush()
+    if args.open:
+        review.open_later(link, f"{base}/health")
     os.execv(sys.executable, command)
     return 0
 
