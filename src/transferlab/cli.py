@@ -84,8 +84,12 @@ def ui(argv: list[str]) -> int:
     parser.add_argument("--open", action="store_true", help="also open the link in a browser")
     args = parser.parse_args(argv)
     uri = existing_store_uri(args.store_dir)
-    if uri.startswith(("http://", "https://")):
-        print(f"MLFLOW_TRACKING_URI points to a server already: open {redact_uri(uri)}")
+    if uri.startswith(("http://", "https://")):  # the runs table there (no view written)
+        experiment = review.review_experiment(mlflow.MlflowClient(uri), args.experiment)
+        link = redact_uri(uri)
+        if experiment is not None:
+            link = review.runs_table_url(link, experiment.experiment_id)
+        print(f"MLFLOW_TRACKING_URI points to a server already: open {link}")
         return 0
     # None of MLflow's job runners (GenAI judges and scorers: 9 processes), and no usage
     # reports: the server would fetch their settings from the internet.
