@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from clitools import error_line, transferlab
 from PIL import Image
@@ -112,3 +113,29 @@ def test_export_unknown_format_is_one_line(trained_run) -> None:
     result = transferlab("export", f"run={folder}", "format=tflite", cwd=cwd)
     assert "format=tflite is not supported" in error_line(result)
     assert not (cwd / "model.tflite").exists()
+
+
+def test_commands_serve_the_tasks_that_support_them() -> None:
+    """predict, explain, export and the MLflow Model follow the task's hooks: a new task
+    is supported by its own file, and a command names the tasks it serves."""
+    from transferlab.errors import UserError
+    from transferlab.tasks import build_task
+    from transferlab.tasks.base import TASKS, Task, register_task, require_support, supporting
+
+    assert supporting("predict") == ["classification", "detection", "segmentation"]
+    assert supporting("explain_titles") == ["classification", "detection", "segmentation"]
+    assert supporting("serving_model") == ["classification", "detection", "segmentation"]
+    assert supporting("exportable") == ["classification", "segmentation"]
+    with pytest.raises(UserError, match="export supports task=classification and "
+                       "task=segmentation runs; here is a task=detection run"):  # fmt: skip
+        require_support(build_task({"name": "detection"}), "exportable", "export", "here")
+    try:
+
+        @register_task("counting")
+        class Counting(Task):
+            def predict(self, model, request) -> None:
+                pass
+
+        assert "counting" in supporting("predict") and "counting" not in supporting("exportable")
+    finally:
+        TASKS.pop("counting", None)

@@ -174,8 +174,12 @@ def test_a_model_that_cannot_be_logged_is_one_warning_line(
 
     run = SimpleNamespace(run_id="0" * 32)  # not MLflow's active run: logging fails
     cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}})
-    for task in ("classification", "segmentation", "unregistered"):
-        record_model(run, cfg, SimpleNamespace(name=task), None, tmp_path / "best-epoch00.ckpt")
+    from transferlab.tasks import build_task
+
+    tasks = [build_task({"name": name}) for name in ("classification", "segmentation")]
+    tasks.append(SimpleNamespace(name="unregistered", serving_model=None))
+    for task in tasks:
+        record_model(run, cfg, task, None, tmp_path / "best-epoch00.ckpt")
     shown = capsys.readouterr()
     assert shown.err.splitlines() == 2 * [
         "transferlab: warning: the best model was not logged as an MLflow Model "

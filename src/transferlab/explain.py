@@ -69,11 +69,7 @@ def main(argv: list[str]) -> int:
     if not files:
         raise UserError(f"images={images}: the only images are under out={out}")
     model = load_trained(args["run"], args["store_dir"])
-    if model.task.name not in TITLES:
-        raise UserError(
-            f"explain supports task={' and task='.join(TITLES)} runs; {model.folder} is a "
-            f"task={model.task.name} run"
-        )
+    model.require_support("explain_titles", "explain")
     target = class_index(model.class_names, args["class"])
     names = overlay_names(files, images if images.is_dir() else images.parent)
     with staged_folder(out) as folder:
@@ -195,7 +191,7 @@ def write_overlays(
                 batch = torch.stack(tensors)
                 maps = heat_maps(model.network, batch, [target] * len(batch))
                 layer = maps.layer
-                titles = TITLES[model.task.name](model.class_names, maps.outputs, maps.classes)
+                titles = model.task.explain_titles(model.class_names, maps.outputs, maps.classes)
                 for path, panel in zip(kept, panels_of(batch, maps.maps, titles), strict=True):
                     figure = gradcam_figure([("", [panel])], dpi=OVERLAY_DPI)
                     figure.savefig(folder / name_of[path])
@@ -250,10 +246,3 @@ def detect_titles(class_names: Sequence[str], outputs: Any, explained: Sequence[
         best = float(scores.max())
         titles.append(f"pred: {class_names[cls]} ({best:.2f}; {boxes} boxes >= {REPORT_SCORE})")
     return titles
-
-
-TITLES = {
-    "classification": class_titles,
-    "segmentation": segment_titles,
-    "detection": detect_titles,
-}

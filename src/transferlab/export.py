@@ -35,7 +35,6 @@ DEFAULTS: dict[str, str | None] = {
 }
 FORMATS = ("onnx",)
 TOLERANCE = 1e-4  # max abs difference of the logits, onnxruntime against PyTorch
-TASKS = ("classification", "segmentation")
 TRACE_BATCH, CHECK_BATCH = 2, 5  # different sizes, so the check exercises the free batch axis
 
 
@@ -52,7 +51,7 @@ def main(argv: list[str]) -> int:
         )
     out = Path(args["out"] or f"model.{args['format']}").expanduser()
     model = load_trained(args["run"], args["store_dir"])
-    model.require_task(TASKS, "export")
+    model.require_support("exportable", "export")
     difference = export_onnx(model, out)
     print(
         f"Exported {model.checkpoint} to {out} (ONNX, input image: batch x "

@@ -57,13 +57,12 @@ class TrainedModel:
     image_mode: str
     input_size: tuple[int, int, int]
 
-    def require_task(self, names: Sequence[str], command: str) -> None:
-        """A one-line error unless the run's task is one of ``names``."""
-        if self.task.name not in names:
-            supported = " and ".join(f"task={name}" for name in names)
-            raise UserError(
-                f"{command} supports {supported} runs; {self.folder} is a task={self.task.name} run"
-            )
+    def require_support(self, hook: str, command: str) -> None:
+        """A one-line error unless the run's task supports ``hook`` (``Task``'s hooks for
+        using a trained run), naming the tasks that do."""
+        from transferlab.tasks.base import require_support
+
+        require_support(self.task, hook, command, self.folder)
 
 
 def load_trained(target: str | Path, store_dir: str | Path = "mlruns") -> TrainedModel:
@@ -280,13 +279,14 @@ def eval_preprocessing(
     cfg: DictConfig, task: Task
 ) -> tuple[Callable[[Any], Any] | None, str, tuple[int, int, int]]:
     """The run's eval transform for one image, PIL image mode and input size (C, H, W), as
-    its data module builds them (a task not in ``PREPROCESSING``: the backbone's mode and
-    input size, no transform)."""
-    build = PREPROCESSING.get(task.name)
-    if build is None:
-        _, mode, size = classification_preprocessing(cfg)
-        return None, mode, size
-    return build(cfg)
+    its data module builds them (``Task.preprocessing``)."""
+    return task.preprocessing(cfg)
+
+
+def backbone_preprocessing(cfg: DictConfig) -> tuple[None, str, tuple[int, int, int]]:
+    """No transform; the backbone's image mode and input size (at ``data.image_size``)."""
+    _, mode, size = classification_preprocessing(cfg)
+    return None, mode, size
 
 
 def classification_preprocessing(
@@ -301,24 +301,6 @@ def classification_preprocessing(
     config = resolve_data_config(model_data_config(cfg.model), data.get("image_size"))
     size = tuple(int(v) for v in config["input_size"])
     return create_eval_transform(config), image_mode(config), size  # type: ignore[return-value]
-
-
-def segmentation_preprocessing(
-    cfg: DictConfig,
-) -> tuple[Callable[[Any], Any], str, tuple[int, int, int]]:
-    """The eval transform of the run's ``SegmentationDataModule``, for an image alone."""
-    from transferlab.data.seg_datamodule import SegmentationDataModule
-
-    return paired_preprocessing(SegmentationDataModule, cfg)
-
-
-def detection_preprocessing(
-    cfg: DictConfig,
-) -> tuple[Callable[[Any], Any], str, tuple[int, int, int]]:
-    """The eval transform of the run's ``DetectionDataModule``, for an image alone."""
-    from transferlab.data.det_datamodule import DetectionDataModule
-
-    return paired_preprocessing(DetectionDataModule, cfg)
 
 
 def paired_preprocessing(
@@ -359,13 +341,6 @@ class ImageAlone:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.paired!r})"
-
-
-PREPROCESSING: dict[str, Callable[[DictConfig], tuple[Any, str, tuple[int, int, int]]]] = {
-    "classification": classification_preprocessing,
-    "segmentation": segmentation_preprocessing,
-    "detection": detection_preprocessing,
-}
 
 
 def predicted_masks(

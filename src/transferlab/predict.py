@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
     images = Path(args["images"]).expanduser()
     files = image_files(images)
     model = load_trained(args["run"], args["store_dir"])
-    model.require_task(tuple(PREDICTORS), "predict")
+    model.require_support("predict", "predict")
     if min_score is not None and model.task.name != "detection":
         raise UserError(
             f"min_score={args['min_score']} filters a detector's boxes; this is a "
@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
         )
     out = Path(args["out"]).expanduser() if args["out"] else None
     request = Request(images, files, out, top_k, min_score, batch_size)
-    PREDICTORS[model.task.name](model, request)
+    model.task.predict(model, request)
     return 0
 
 
@@ -237,9 +237,6 @@ def score(text: str) -> float:
     if not 0 <= value <= 1:
         raise UserError(f"min_score={text} must be a score between 0 and 1")
     return value
-
-
-PREDICTORS = {"classification": classify, "segmentation": segment, "detection": detect}
 
 
 def positive_int(args: dict[str, str], key: str) -> int:

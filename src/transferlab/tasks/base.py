@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -126,6 +126,51 @@ class Task:
 
         ``module.test_state`` holds what ``test_state`` accumulated over the test split.
         """
+
+    # Using a trained run (``transferlab.inference``): the hooks below that a task does not
+    # override are what its runs do not support; the commands say so in one line, naming
+    # the tasks that do (``supporting``).
+    # The pyfunc model of the task's runs as ``module:Class`` (``tracking.model``), or None.
+    serving_model: ClassVar[str | None] = None
+    # Whether ``transferlab export`` writes the task's networks as ONNX (logits out).
+    exportable: ClassVar[bool] = False
+
+    def preprocessing(self, cfg: Any) -> tuple[Any, str, tuple[int, int, int]]:
+        """The run's eval transform for one PIL image (None: none known), its image mode and
+        its input size (C, H, W), as the run's data module builds them; by default the
+        backbone's mode and size, no transform."""
+        from transferlab.inference import backbone_preprocessing
+
+        return backbone_preprocessing(cfg)
+
+    def predict(self, model: Any, request: Any) -> None:
+        """``transferlab predict``: write the predictions of ``request.files``
+        (``transferlab.predict.Request``) where ``request.out`` says."""
+        raise NotImplementedError
+
+    def explain_titles(
+        self, class_names: Sequence[str], outputs: Any, explained: Sequence[int]
+    ) -> list[str]:
+        """``transferlab explain``: each heat map's title from the network's ``outputs``
+        and the class it explains."""
+        raise NotImplementedError
+
+
+def supporting(hook: str) -> list[str]:
+    """The registered tasks that override ``hook`` (a method) or set it (an attribute)."""
+    build_task({"name": "classification"})  # every built-in task registered
+    default = getattr(Task, hook)
+    return [
+        name for name, cls in sorted(TASKS.items()) if getattr(cls, hook) not in (default, False)
+    ]
+
+
+def require_support(task: Task, hook: str, command: str, where: Any) -> None:
+    """A one-line error unless ``task`` supports ``hook``, naming the tasks that do."""
+    names = supporting(hook)
+    if task.name not in names:
+        supported = " and ".join(f"task={name}" for name in names)
+        raise UserError(f"{command} supports {supported} runs; {where} is a task={task.name} run")
 
 
 def photometric_test_set(

@@ -33,6 +33,8 @@ class Classification(Task):
     supports_feature_cache = True
     compare_metrics = ("test/acc", "test/f1", "test/top5")
     compare_figures = ("test/confusion_matrix.png",)
+    serving_model = "transferlab.tracking.model:ImageClassifier"
+    exportable = True
 
     def build_datamodule(self, cfg: Any):
         from transferlab.data import TransferDataModule
@@ -59,6 +61,21 @@ class Classification(Task):
         shifted = copy.copy(datamodule.test_set)
         shifted.transform = with_corruption(datamodule.eval_transform, corruption, severity, seed)
         return shifted
+
+    def preprocessing(self, cfg: Any) -> tuple[Any, str, tuple[int, int, int]]:
+        from transferlab.inference import classification_preprocessing
+
+        return classification_preprocessing(cfg)
+
+    def predict(self, model: Any, request: Any) -> None:
+        from transferlab.predict import classify
+
+        classify(model, request)
+
+    def explain_titles(self, class_names: Any, outputs: Any, explained: Any) -> list[str]:
+        from transferlab.explain import class_titles
+
+        return class_titles(class_names, outputs, explained)
 
     def test_state(self, num_classes: int) -> dict[str, Metric]:
         from transferlab.reports.calibration import SplitLogits

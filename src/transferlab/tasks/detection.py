@@ -55,6 +55,7 @@ class Detection(Task):
     spatial_targets = True
     compare_metrics = ("test/map", "test/map_50", "test/map_75", "test/mar_100")
     compare_figures = ("test/predictions.png",)
+    serving_model = "transferlab.tracking.model:ImageDetector"
 
     def __init__(
         self,
@@ -118,6 +119,22 @@ class Detection(Task):
     def shifted_test_set(self, datamodule: Any, corruption: str, severity: int, seed: int) -> Any:
         """The test split with a photometric corruption on each image; boxes unchanged."""
         return photometric_test_set(self, datamodule, corruption, severity, seed)
+
+    def preprocessing(self, cfg: Any) -> tuple[Any, str, tuple[int, int, int]]:
+        from transferlab.data.det_datamodule import DetectionDataModule
+        from transferlab.inference import paired_preprocessing
+
+        return paired_preprocessing(DetectionDataModule, cfg)
+
+    def predict(self, model: Any, request: Any) -> None:
+        from transferlab.predict import detect
+
+        detect(model, request)
+
+    def explain_titles(self, class_names: Any, outputs: Any, explained: Any) -> list[str]:
+        from transferlab.explain import detect_titles
+
+        return detect_titles(class_names, outputs, explained)
 
     def report(self, run, cfg: Any, module: Any, datamodule: Any) -> None:
         """Per-class AP (CSV), test images with their true and predicted boxes (PNG) and the

@@ -82,6 +82,8 @@ class Segmentation(Task):
     spatial_targets = True
     compare_metrics = ("test/miou", "test/dice", "test/pixel_acc")
     compare_figures = ("test/predictions.png",)
+    serving_model = "transferlab.tracking.model:ImageSegmenter"
+    exportable = True
 
     def __init__(
         self, decoder: str = "unet", loss: str = "ce+dice", ignore_index: int = 255
@@ -116,6 +118,22 @@ class Segmentation(Task):
     def shifted_test_set(self, datamodule: Any, corruption: str, severity: int, seed: int) -> Any:
         """The test split with a photometric corruption on each image; masks unchanged."""
         return photometric_test_set(self, datamodule, corruption, severity, seed)
+
+    def preprocessing(self, cfg: Any) -> tuple[Any, str, tuple[int, int, int]]:
+        from transferlab.data.seg_datamodule import SegmentationDataModule
+        from transferlab.inference import paired_preprocessing
+
+        return paired_preprocessing(SegmentationDataModule, cfg)
+
+    def predict(self, model: Any, request: Any) -> None:
+        from transferlab.predict import segment
+
+        segment(model, request)
+
+    def explain_titles(self, class_names: Any, outputs: Any, explained: Any) -> list[str]:
+        from transferlab.explain import segment_titles
+
+        return segment_titles(class_names, outputs, explained)
 
     def report(self, run, cfg: Any, module: Any, datamodule: Any) -> None:
         """Per-class IoU (CSV), test images with true and predicted masks (PNG) and their

@@ -83,7 +83,7 @@ REQUIREMENTS = (
 MODEL_CODE = """\
 from mlflow.models import set_model
 
-from transferlab.tracking.model import {name}
+from {module} import {name}
 
 set_model({name}())
 """
@@ -232,13 +232,12 @@ class ImageDetector(RunModel):
         return signature
 
 
-# The pyfunc model of each task's runs; other tasks' runs log none.
-MODELS: dict[str, type[RunModel]] = {
-    "classification": ImageClassifier,
-    "segmentation": ImageSegmenter,
-    "detection": ImageDetector,
-}
-SUPPORTED_TASKS = tuple(MODELS)
+def serving_class(path: str) -> type[RunModel]:
+    """The pyfunc model class a task names (``Task.serving_model``, ``module:Class``)."""
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def share_columns(class_names: Sequence[str]) -> list[str]:
@@ -357,22 +356,23 @@ def no_artifact_progress_bars() -> Iterator[None]:
 
 def log_model(run_id: str, run_folder: Path, checkpoint: Path, datamodule: Any) -> float:
     """Log ``checkpoint`` of the run in ``run_folder`` as ``runs:/<run id>/model`` (the
-    active run's), the pyfunc model of the run's task (``MODELS``); the seconds it took."""
+    active run's), the pyfunc model of the run's task (``Task.serving_model``); the seconds
+    it took."""
     from transferlab.inference import SAVED_CONFIG, run_task, saved_config
 
     started = time.perf_counter()
     active = mlflow.active_run()
     if active is None or active.info.run_id != run_id:
         raise RuntimeError(f"run {run_id} is not MLflow's active run")
-    task = run_task(saved_config(run_folder)).name
-    if task not in MODELS:
-        raise ValueError(f"task={task} runs have no MLflow model")
-    model = MODELS[task]
+    task = run_task(saved_config(run_folder))
+    if task.serving_model is None:
+        raise ValueError(f"task={task.name} runs have no MLflow model")
+    model = serving_class(task.serving_model)
     with tempfile.TemporaryDirectory() as tmp, no_artifact_progress_bars():
         folder = Path(tmp) / RUN_ARTIFACT
         class_names = pack_run_folder(run_folder / SAVED_CONFIG, checkpoint, folder)
         code = Path(tmp) / model.code_file
-        code.write_text(MODEL_CODE.format(name=model.__name__))
+        code.write_text(MODEL_CODE.format(module=model.__module__, name=model.__name__))
         mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=code,

@@ -220,15 +220,15 @@ def record_model(
     run: TrackedRun, cfg: DictConfig, task: Task, datamodule: Any, best_path: Path
 ) -> None:
     """The best checkpoint as the MLflow Model ``runs:/<run id>/model`` (the tasks with a
-    pyfunc model: ``tracking.model.SUPPORTED_TASKS``).
+    pyfunc model: ``Task.serving_model``).
 
     A model that cannot be logged is one warning line, not a failed run: the run's results
     are recorded already.
     """
-    from transferlab.tracking.model import MODEL_NAME, SUPPORTED_TASKS, log_model
+    from transferlab.tracking.model import MODEL_NAME, log_model
     from transferlab.tracking.redact import warn_failed
 
-    if task.name not in SUPPORTED_TASKS:
+    if task.serving_model is None:
         print(f"No MLflow model logged: task={task.name} runs are not supported yet", flush=True)
         return
     try:
