@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -269,6 +270,18 @@ def test_the_printed_link_shows_runs_metrics_and_sweeps_in_chromium(
             wait.until(shown.visibility_of_element_located((By.LINK_TEXT, "test/acc")))
             wait.until(shown.invisibility_of_element_located((By.LINK_TEXT, "best/val/acc")))
             driver.save_screenshot(str(shots / "run-page.png"))
+
+            # Compare of the two jobs: their root-level figures, side by side.
+            ids = json.dumps([child.info.run_id for child in children])
+            query = urllib.parse.urlencode({"runs": ids, "experiments": json.dumps(experiment)})
+            driver.get(f"{link.split('#')[0]}#/compare-runs?{query}")
+            figure = '//*[contains(text(), "confusion_matrix.png")]'
+            wait.until(shown.visibility_of_element_located((By.XPATH, figure))).click()
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "img")) >= 2)
+            assert "No common artifacts" not in driver.page_source
+            heading = driver.find_element(By.XPATH, '//*[text()="Artifacts"]')
+            driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", heading)
+            driver.save_screenshot(str(shots / "compare.png"))
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
