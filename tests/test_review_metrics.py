@@ -79,3 +79,20 @@ def test_the_chart_title_is_wrapped_inside_the_figure() -> None:
     box = figure._suptitle.get_window_extent()
     assert figure._suptitle.get_text().count("\n") >= 1
     assert box.x0 >= 0 and box.x1 <= figure.bbox.x1 and box.y1 <= figure.bbox.y1
+
+
+def test_names_write_numbers_short_and_groups_as_their_choice() -> None:
+    from transferlab.tracking.record import compact, short_override
+
+    assert [compact(v) for v in ("0.001", "1e-3", "0.0003", "1000000000000.0", "0.30", "5")] == [
+        "1e-3",
+        "1e-3",
+        "3e-4",
+        "1e12",
+        "0.3",
+        "5",
+    ]
+    assert compact("resnet50") == "resnet50" and compact("0") == "0"
+    assert short_override("optimizer.lr", "0.001") == "lr=1e-3"
+    assert short_override("finetune", "linear_probe") == "linear_probe"
+    assert short_override("+trainer.limit_train_batches", "4") == "limit_train_batches=4"
