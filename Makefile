@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install data browser train test test-slow lint format ui bench clean
+.PHONY: install data browser postgres train test test-slow lint format ui server bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,13 +37,23 @@ browser:
 	    echo "note: Chromium is not installed; run 'sudo apt-get install chromium chromium-driver' for the dashboard test"; \
 	  fi; }
 
+# PostgreSQL for `transferlab server` (and the slow tests that use it) from Debian's package
+# when we can install it: about 10 s. Without it the server keeps its runs in sqlite.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql) >/dev/null; \
+	  else \
+	    echo "note: PostgreSQL is not installed; run 'sudo apt-get install postgresql' to use it (else sqlite)"; \
+	  fi; }
+
 train: install data
 	$(BIN)/transferlab train $(ARGS)
 
 test: install data
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-slow: install data browser
+test-slow: install data browser postgres
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 lint: install
@@ -56,6 +66,10 @@ format: install
 
 ui: install
 	$(BIN)/transferlab ui
+
+# A team's MLflow server on 127.0.0.1:5000 (docs/scaling.md); ARGS="--port 5001 --root DIR".
+server: install postgres
+	$(BIN)/transferlab server $(ARGS)
 
 # Full-size benchmarks (about 30 minutes on 2 cores); tables on stdout, JSON in bench-results/.
 # They run in the environment as it is: no OpenMP or thread variable is set for them.

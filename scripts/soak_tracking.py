@@ -2,14 +2,18 @@
 
     python scripts/soak_tracking.py                                   # 4 jobs x 200 steps, both stores
     python scripts/soak_tracking.py --jobs 2 --steps 10 --backends sqlite   # ~20 s
+    python scripts/soak_tracking.py --backends server,server-postgresql     # the team servers
 
 Each job is a fresh process (as each job of a sweep is) that opens its own run with
 ``transferlab.tracking.start_run`` and logs ``train/loss``, ``train/acc`` and ``lr`` at every
 step with ``TrackedRun.log_metrics``, the calls a training run makes; the jobs wait for one
-another after their imports and then log together. Two stores: ``sqlite``, the local store
-a run uses by default (``sqlite:///<dir>/mlflow.db``, made by ``resolve_tracking_uri`` and
-``ensure_experiment`` as the CLI makes it), and ``server``, an ``mlflow server`` started
-here (sqlite behind it, ``--serve-artifacts``, one worker, a free port of 127.0.0.1).
+another after their imports and then log together. Two stores by default: ``sqlite``, the
+local store a run uses by default (``sqlite:///<dir>/mlflow.db``, made by
+``resolve_tracking_uri`` and ``ensure_experiment`` as the CLI makes it), and ``server``, an
+``mlflow server`` started here by ``transferlab.tracking.server.mlflow_server`` (sqlite
+behind it, served artifacts, one worker, a free port of 127.0.0.1); and on request
+``server-postgresql``, the server ``transferlab server --backend postgresql`` starts
+(PostgreSQL behind it, four workers).
 Afterwards every run's metric histories are read back: points lost and duplicated, values
 that differ from those logged, runs not FINISHED, errors the jobs met. Exits 1 when a point
 is lost.
@@ -24,22 +28,17 @@ import logging
 import multiprocessing
 import os
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 from transferlab.machine import cpu, usable_cores
 
-BIN = Path(sys.executable).parent
-BACKENDS = ("sqlite", "server")
+BACKENDS = ("sqlite", "server", "server-postgresql")
+DEFAULT_BACKENDS = ("sqlite", "server")
 METRICS = ("train/loss", "train/acc", "lr")
 EXPERIMENT = "soak"
 JOB_TAG = "soak.job"
@@ -175,55 +174,9 @@ def read_back(uri: str, experiment_id: str, jobs: int, steps: int) -> list[dict]
     return checked
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def mlflow_server(folder: Path) -> Iterator[tuple[str, Path]]:
-    """An ``mlflow server`` on a free local port, with its store in ``folder``; its URL and
-    log. Stopped (with its workers) on exit."""
-    port = free_port()
-    log = folder / "server.log"
-    command = [
-        str(BIN / "mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-        "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    with log.open("wb") as out:
-        server = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    tail = log.read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"mlflow server did not start:\n{tail}") from None
-                time.sleep(0.5)
-        yield url, log
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-
-
 def soak(backend: str, jobs: int, steps: int) -> dict:
     """Run the jobs against one store and check what it kept."""
+    from transferlab.tracking.server import mlflow_server, team_server
     from transferlab.tracking.store import ensure_experiment, resolve_tracking_uri
 
     with tempfile.TemporaryDirectory(prefix=f"soak-{backend}-") as tmp:
@@ -231,7 +184,20 @@ def soak(backend: str, jobs: int, steps: int) -> dict:
         with contextlib.ExitStack() as stack:
             server_log = None
             if backend == "server":
-                given, server_log = stack.enter_context(mlflow_server(folder))
+                server = stack.enter_context(
+                    mlflow_server(
+                        f"sqlite:///{folder / 'mlflow.db'}", folder / "artifacts",
+                        log=folder / "server.log", start_timeout=SERVER_START_S,
+                    )
+                )  # fmt: skip
+                given, server_log = server.url, server.log
+                store_dir = folder / "client"
+            elif backend == "server-postgresql":
+                folder.chmod(0o755)  # as root, PostgreSQL runs as the postgres user
+                server, _ = stack.enter_context(
+                    team_server(folder, backend="postgresql", log=folder / "server.log")
+                )
+                given, server_log = server.url, server.log
                 store_dir = folder / "client"
             else:
                 given, store_dir = None, folder
@@ -327,7 +293,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=4, help="parallel jobs, one run each")
     parser.add_argument("--steps", type=int, default=200, help="steps each job logs")
-    parser.add_argument("--backends", type=backend_list, default=list(BACKENDS))
+    parser.add_argument("--backends", type=backend_list, default=list(DEFAULT_BACKENDS))
     parser.add_argument("--out", type=Path, default=Path("bench-results/soak_tracking.json"))
     args = parser.parse_args()
 

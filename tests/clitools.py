@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -11,9 +13,15 @@ BIN = Path(sys.executable).parent
 SMOKE = ["experiment=smoke", "trainer.max_epochs=1", "trainer.limit_train_batches=4"]
 
 
-def transferlab(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def transferlab(
+    *args: str, cwd: Path, timeout: int = 300, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``transferlab *args`` in ``cwd``; ``env``: variables set for it on top of ours."""
     command = [str(BIN / "transferlab"), *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **env} if env else None,
+    )  # fmt: skip
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:

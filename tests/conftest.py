@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,18 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, s
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
     return cwd, folder, run_id
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real local MLflow server on a free port of 127.0.0.1, as `transferlab server
+    --backend sqlite` starts it (served artifacts); its URI. Shared: tests use experiments
+    of their own."""
+    from transferlab.tracking.server import team_server
+
+    root = tmp_path_factory.mktemp("server")
+    with team_server(root, backend="sqlite", log=root / "server.log") as (server, _):
+        yield server.url
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -21,3 +23,25 @@ class SignalOnce(pl.Callback):
         if due and not self.marker.exists():
             self.marker.touch()
             os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class StopServer(pl.Callback):
+    """Kills the tracking server (SIGKILL to its process group ``pgid``) at the start of
+    epoch ``epoch``, and waits until ``port`` of 127.0.0.1 refuses connections: the run
+    goes on without its server."""
+
+    def __init__(self, epoch: int, pgid: int, port: int) -> None:
+        self.epoch, self.pgid, self.port = epoch, pgid, port
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch != self.epoch:
+            return
+        os.killpg(self.pgid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            except OSError:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the server on port {self.port} still answers")

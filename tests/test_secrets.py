@@ -11,13 +11,8 @@ import json
 import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -29,38 +24,6 @@ from transferlab.tracking.redact import MASK, redact_text, redact_uri, secret_va
 BIN = Path(sys.executable).parent
 CHEAP = ["experiment=smoke", "trainer.max_epochs=1", "trainer.limit_train_batches=4"]
 PASSWORD = "s3cret-7f2c"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A local MLflow server (sqlite, served artifacts); its URI without credentials."""
-    folder = tmp_path_factory.mktemp("server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                assert process.poll() is None, "the MLflow server stopped"
-                assert time.monotonic() < deadline, "the MLflow server did not start in 120 s"
-                time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # its graceful stop takes seconds
-        process.wait(timeout=30)
 
 
 def with_password(uri: str) -> str:
@@ -95,31 +58,31 @@ def runs_holding_the_password(client: mlflow.MlflowClient, experiment: str, dst:
     return found
 
 
-def test_no_password_in_what_a_run_records_or_prints(server: str, tmp_path: Path) -> None:
+def test_no_password_in_what_a_run_records_or_prints(tracking_server: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     overrides = [
         *CHEAP, "tracking.experiment_name=secrets", f"hydra.run.dir={out}",
-        f"tracking.uri={with_password(server)}",
+        f"tracking.uri={with_password(tracking_server)}",
         "+note=${oc.env:MLFLOW_TRACKING_PASSWORD}",  # a credential resolved into the config
     ]  # fmt: skip
-    result = transferlab("train", *overrides, cwd=tmp_path, uri=with_password(server))
+    result = transferlab("train", *overrides, cwd=tmp_path, uri=with_password(tracking_server))
     assert result.returncode == 0, result.stderr[-3000:]
     assert PASSWORD not in result.stdout + result.stderr
-    assert f"store {server})" in result.stdout
+    assert f"store {tracking_server})" in result.stdout
 
-    client = mlflow.MlflowClient(server)
+    client = mlflow.MlflowClient(tracking_server)
     assert runs_holding_the_password(client, "secrets", tmp_path / "artifacts") == []
     assert files_holding_the_password(out) == []
     run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
     run = client.get_run(run_id)
-    assert run.data.params["tracking.uri"] == server and run.data.params["note"] == MASK
+    assert run.data.params["tracking.uri"] == tracking_server and run.data.params["note"] == MASK
     config_files = {a.path for a in client.list_artifacts(run_id, "config")}
     assert {"config/overrides.yaml", "config/config.yaml"} <= config_files
 
     # The command pastes into a shell as it is (here with --cfg job: compose, do not run).
     command = run.data.tags["command"]
     assert shlex.split(command) == [
-        "transferlab", "train", *overrides[:-2], f"tracking.uri={server}", overrides[-1]
+        "transferlab", "train", *overrides[:-2], f"tracking.uri={tracking_server}", overrides[-1]
     ]  # fmt: skip
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     again = subprocess.run(
@@ -128,27 +91,27 @@ def test_no_password_in_what_a_run_records_or_prints(server: str, tmp_path: Path
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert (
-        f"uri: {server}" in again.stdout
+        f"uri: {tracking_server}" in again.stdout
         and "note: ${oc.env:MLFLOW_TRACKING_PASSWORD}" in again.stdout
     )
 
 
 @pytest.mark.slow  # 17 s on 2 cores: `make test-slow` runs it
 def test_a_sweep_keeps_the_password_out_and_compare_finds_its_store(
-    server: str, tmp_path: Path
+    tracking_server: str, tmp_path: Path
 ) -> None:
     sweep_dir = tmp_path / "multirun"
     result = transferlab(
         "train", "-m", *CHEAP, "seed=0", "tracking.experiment_name=secret_sweep",
-        f"hydra.sweep.dir={sweep_dir}", f"tracking.uri={with_password(server)}",
-        cwd=tmp_path, uri=with_password(server),
+        f"hydra.sweep.dir={sweep_dir}", f"tracking.uri={with_password(tracking_server)}",
+        cwd=tmp_path, uri=with_password(tracking_server),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert PASSWORD not in result.stdout + result.stderr
     info = json.loads((sweep_dir / "sweep_run.json").read_text())
-    assert info["tracking_uri"] == server
+    assert info["tracking_uri"] == tracking_server
     assert files_holding_the_password(sweep_dir) == []
-    client = mlflow.MlflowClient(server)
+    client = mlflow.MlflowClient(tracking_server)
     assert runs_holding_the_password(client, "secret_sweep", tmp_path / "artifacts") == []
     child = client.search_runs(
         [info["experiment_id"]], f"tags.mlflow.parentRunId = '{info['parent_run_id']}'"
@@ -158,7 +121,9 @@ def test_a_sweep_keeps_the_password_out_and_compare_finds_its_store(
 
     # The sweep file names the store without credentials; compare takes them from the
     # environment when MLFLOW_TRACKING_URI is the same store.
-    report = transferlab("compare", str(sweep_dir), cwd=tmp_path, uri=with_password(server))
+    report = transferlab(
+        "compare", str(sweep_dir), cwd=tmp_path, uri=with_password(tracking_server)
+    )
     assert report.returncode == 0, report.stderr[-3000:]
     assert child.info.run_id[:8] in report.stdout
     assert PASSWORD not in report.stdout + report.stderr

@@ -38,6 +38,7 @@ def check_config(cfg: DictConfig) -> None:
     """Refuse what is wrong in a run's config before anything heavy loads (one UserError)."""
     plain = resolved(cfg)
     check_run_keys(plain)
+    check_tracking(plain.get("tracking") or {})
     check_targets(plain)
     check_trainer(plain.get("trainer") or {})
     for group in ("optimizer", "scheduler"):
@@ -77,6 +78,14 @@ def check_run_keys(cfg: Mapping[str, Any]) -> None:
     for name, entry in (cfg.get("callbacks") or {}).items():
         if not isinstance(entry, Mapping) or "_target_" not in entry:
             raise UserError(f"callbacks.{name} needs a _target_ (a callback class path)")
+
+
+def check_tracking(tracking: Mapping[str, Any]) -> None:
+    """``tracking=server`` has a server's URI (before torch loads; the run checks it too)."""
+    from transferlab.tracking.store import check_server_uri
+
+    if tracking.get("enabled", True) and tracking.get("server", False):
+        check_server_uri(tracking.get("uri"))
 
 
 # ----------------------------------------------------------------------------- _target_

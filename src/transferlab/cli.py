@@ -1,5 +1,6 @@
 """The ``transferlab`` command: ``train`` (Hydra), ``compare`` (sweeps), ``ui`` (MLflow),
-``reproduce``, and ``predict`` and ``export`` for a trained run.
+``server`` (a team's MLflow server), ``reproduce``, and ``predict`` and ``export`` for a
+trained run.
 
 Kept light: nothing heavy is imported until a subcommand needs it, so ``--help`` is instant.
 """
@@ -25,6 +26,10 @@ commands:
           (transferlab compare multirun/train/<date>/<time> | <parent run id> | <experiment>)
   ui      serve the MLflow dashboard for the local run store (mlruns/ here) and print the
           link to an experiment's runs table (transferlab ui [--experiment NAME] [--open])
+  server  start an MLflow tracking server for a team on 127.0.0.1: PostgreSQL when
+          installed (else sqlite) for runs, artifacts served from its folder
+          (transferlab server [--port 5000] [--root mlflow-server]
+           [--backend auto|postgresql|sqlite]; then: transferlab train tracking=server)
   reproduce
           train again from what a finished run recorded and say whether the results match
           (transferlab reproduce <run id | run folder>)
@@ -124,6 +129,65 @@ def ui(argv: list[str]) -> int:
     return 0
 
 
+def server(argv: list[str]) -> int:
+    import time
+    from pathlib import Path
+
+    from transferlab.signals import Interrupted, stop_on_signals
+    from transferlab.tracking.server import (
+        BACKENDS,
+        check_port_free,
+        describe_store,
+        shown_command,
+        team_server,
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="transferlab server",
+        description="Start an MLflow tracking server on 127.0.0.1 for a team: runs and models "
+        "in PostgreSQL (Debian's postgresql package; else sqlite), artifacts in a local "
+        "folder served by the server. Ctrl+C stops it.",
+    )
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument(
+        "--root", default="mlflow-server", help="folder for the database and the artifacts"
+    )
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="auto",
+        help="auto: PostgreSQL when installed, else sqlite",
+    )  # fmt: skip
+    parser.add_argument(
+        "--workers", type=int, default=None, help="server processes (sqlite 1, PostgreSQL 4)"
+    )
+    args = parser.parse_args(argv)
+    check_port_free(args.port)
+    started = time.monotonic()
+    try:
+        with (
+            stop_on_signals(),
+            team_server(Path(args.root), args.port, args.backend, args.workers) as (running, why),
+        ):
+            root = Path(args.root).expanduser().resolve()
+            print(
+                f"\nMLflow tracking server at {running.url} "
+                f"(started in {time.monotonic() - started:.1f} s)\n"
+                f"  runs and models: {describe_store(running.store)} ({why})\n"
+                f"  artifacts:       {root / 'artifacts'}, served by the server\n"
+                f"  command:         {shown_command(running)}\n"
+                f"Point runs at it:  export MLFLOW_TRACKING_URI={running.url}\n"
+                "                   transferlab train tracking=server\n"
+                "Ctrl+C stops it.",
+                flush=True,
+            )
+            code = running.process.wait()
+    except (Interrupted, KeyboardInterrupt):
+        print("MLflow server stopped.", flush=True)
+        return 0
+    raise UserError(
+        f"the MLflow server stopped by itself (exit status {code}); see its output above"
+    )
+
+
 def compare(argv: list[str]) -> int:
     from transferlab.sweeps.compare import main as compare_main
 
@@ -186,6 +250,7 @@ COMMANDS = {
     "train": train,
     "compare": compare,
     "ui": ui,
+    "server": server,
     "reproduce": reproduce,
     "predict": predict,
     "eval": evaluate,

@@ -200,7 +200,9 @@ def evaluation_run(trained: TrainedModel, cfg: DictConfig, store_dir: str, overr
 
     if not cfg.tracking.get("enabled", True):
         return contextlib.nullcontext(None)
-    uri = resolve_tracking_uri(cfg.tracking.get("uri"), store_dir)
+    uri = resolve_tracking_uri(
+        cfg.tracking.get("uri"), store_dir, cfg.tracking.get("server", False)
+    )
     client = mlflow.MlflowClient(uri)
     source = existing_run(client, trained.run_id)
     if source is not None:

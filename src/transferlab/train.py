@@ -70,7 +70,7 @@ def tracked_run(cfg: DictConfig, resume: ResumePoint | None = None):
         if cfg.get("resume"):
             raise UserError("resume= continues an MLflow run: it needs tracking.enabled=true")
         return contextlib.nullcontext(None)
-    uri = resolve_tracking_uri(tracking.uri, tracking.store_dir)
+    uri = resolve_tracking_uri(tracking.uri, tracking.store_dir, tracking.get("server", False))
     experiment_id = ensure_experiment(tracking.experiment_name, uri, tracking.store_dir)
     mark_dead_runs(mlflow.MlflowClient(uri), experiment_id)
     parent = os.environ.get(PARENT_RUN_ENV) if sweep_job_num() is not None else None
@@ -80,6 +80,7 @@ def tracked_run(cfg: DictConfig, resume: ResumePoint | None = None):
         run_name(cfg, task_overrides()),
         parent_run_id=parent,
         run_id=resume.run_id if resume is not None else None,
+        folder=cfg.paths.output_dir,
     )
 
 
@@ -99,7 +100,8 @@ def resume_of(cfg: DictConfig) -> ResumePoint | None:
 
     from transferlab.tracking.store import resolve_tracking_uri
 
-    uri = resolve_tracking_uri(cfg.tracking.uri, cfg.tracking.store_dir)
+    tracking = cfg.tracking
+    uri = resolve_tracking_uri(tracking.uri, tracking.store_dir, tracking.get("server", False))
     return resume_point(cfg, mlflow.MlflowClient(uri))
 
 
@@ -141,7 +143,11 @@ def run(cfg: DictConfig) -> float:
                 count = int(run.client.get_run(run.run_id).data.tags.get("resume.count", 0))
                 run.set_tags({"resume.count": count + 1, "resume.checkpoint": resume.checkpoint})
                 print(f"Resuming run {run.run_id} from {resume.checkpoint}", flush=True)
-        return fit_and_test(cfg, run, runtime, speed, resume)
+        best = fit_and_test(cfg, run, runtime, speed, resume)
+    if run is not None and run.offline:
+        # Trained and tested; the record is incomplete, and scripts must see it.
+        raise UserError(run.fallback.summary())
+    return best
 
 
 def fit_and_test(

@@ -94,7 +94,9 @@ def log_learning_curves(run: Any, monitor: str, mode: str, title: str = "") -> N
     import matplotlib.pyplot as plt
 
     names = [TRAIN_LOSS, VAL_LOSS, train_counterpart(monitor), monitor]
-    curves = run_curves(run.client, run.run_id, names)
+    curves = run.send("the learning curves", lambda: run_curves(run.client, run.run_id, names))
+    if curves is None:  # the tracking server went away
+        return
     figure = learning_curves_figure(curves, monitor, mode, title)
     run.log_figure(figure, LEARNING_CURVES)
     plt.close(figure)

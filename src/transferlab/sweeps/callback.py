@@ -65,7 +65,9 @@ class MlflowSweepCallback(Callback):
         tracking = config.tracking
         if not tracking.enabled:
             return
-        self.tracking_uri = resolve_tracking_uri(tracking.uri, tracking.store_dir)
+        self.tracking_uri = resolve_tracking_uri(
+            tracking.uri, tracking.store_dir, tracking.get("server", False)
+        )
         experiment_id = ensure_experiment(
             tracking.experiment_name, self.tracking_uri, tracking.store_dir
         )
@@ -105,15 +107,30 @@ class MlflowSweepCallback(Callback):
         os.environ.pop(PARENT_RUN_ENV, None)
         import mlflow
 
+        from transferlab.tracking.fallback import Fallback
+
         client = mlflow.MlflowClient(self.tracking_uri)
         status, failed = "FAILED", 0
         parent_run_id, self.parent_run_id = self.parent_run_id, None
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        gone = False
         try:
-            sweep_dir = Path(config.hydra.sweep.dir).resolve()
             status, failed = close_parent(client, parent_run_id, sweep_dir)
             crown_champion(client, parent_run_id, config.tracking.get("registered_model"))
+        except Exception as err:
+            gone = Fallback(self.tracking_uri).gone(err)
+            if not gone:
+                raise
+            print(
+                f"transferlab: error: the MLflow server {redact_uri(self.tracking_uri)} went "
+                f"away: the sweep's parent run {parent_run_id} was neither compared nor ended; "
+                f"each job's outputs are in {sweep_dir}",
+                file=sys.stderr,
+            )
+            raise SystemExit(1) from None
         finally:
-            client.set_terminated(parent_run_id, status)
+            if not gone:
+                client.set_terminated(parent_run_id, status)
         from transferlab.signals import stopped
 
         if failed and sweeper_kind(config) == "grid" and stopped() is None:

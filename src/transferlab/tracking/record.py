@@ -231,10 +231,15 @@ def record_model(
     if task.serving_model is None:
         print(f"No MLflow model logged: task={task.name} runs are not supported yet", flush=True)
         return
+    folder = Path(cfg.paths.output_dir)
     try:
-        seconds = log_model(run.run_id, Path(cfg.paths.output_dir), best_path, datamodule)
+        seconds = run.send(
+            "the MLflow Model", lambda: log_model(run.run_id, folder, best_path, datamodule)
+        )
     except Exception as err:  # a bug or an odd environment must not fail a trained run
         warn_failed("the best model was not logged as an MLflow Model", err)
+        return
+    if seconds is None:  # the tracking server went away
         return
     run.log_metrics({"time/log_model_s": seconds})
     print(f"MLflow model: runs:/{run.run_id}/{MODEL_NAME} (logged in {seconds:.1f} s)", flush=True)

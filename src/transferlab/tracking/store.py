@@ -15,6 +15,16 @@ from transferlab.tracking.redact import redact_text, redact_uri
 
 # How long to wait for a tracking server to answer before giving up.
 SERVER_TIMEOUT_S = 5.0
+# A server that stops answering mid-run: MLflow's client retries each request with back-off,
+# by default for about 4 minutes (7 retries) and 120 s per attempt, then raises. A run's
+# client gives up after about 30 s (retries after 0, 2, 4, 8 and 16 s; 30 s per attempt):
+# a restarted server loses nothing, and past that the run goes on without it
+# (``tracking.fallback``). These are MLflow's variables: values set in the environment win.
+CLIENT_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 def default_store_uri(store_dir: str | os.PathLike) -> str:
@@ -22,15 +32,37 @@ def default_store_uri(store_dir: str | os.PathLike) -> str:
     return f"sqlite:///{Path(store_dir).expanduser().resolve() / 'mlflow.db'}"
 
 
-def resolve_tracking_uri(uri: str | None, store_dir: str | os.PathLike) -> str:
+def resolve_tracking_uri(
+    uri: str | None, store_dir: str | os.PathLike, server: bool = False
+) -> str:
     """``uri`` (e.g. from MLFLOW_TRACKING_URI) when given, else the local sqlite store;
-    checked to be usable (:func:`check_store`)."""
+    checked to be usable (:func:`check_store`). ``server`` (``tracking=server``): ``uri``
+    must name a tracking server."""
+    if server:
+        check_server_uri(uri)
     uri = uri or default_store_uri(store_dir)
     check_store(uri)
+    if is_server(uri):
+        for name, value in CLIENT_RETRIES.items():
+            os.environ.setdefault(name, value)
     if redact_uri(uri) != uri:
         # MLflow prints a run's link with the URI as given, credentials and all.
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return uri
+
+
+def check_server_uri(uri: str | None) -> None:
+    """``tracking=server`` has an ``http(s)://`` URI to go to."""
+    if not uri:
+        raise UserError(
+            "tracking=server needs the server's URI: set MLFLOW_TRACKING_URI=http://host:5000 "
+            "or pass tracking.uri=http://host:5000 (`transferlab server` starts one on this machine)"
+        )
+    if not is_server(uri):
+        raise UserError(
+            f"tracking=server needs an http(s):// URI, not {redact_uri(uri)}: point "
+            "MLFLOW_TRACKING_URI (or tracking.uri) at the server, or use tracking=mlflow"
+        )
 
 
 def existing_store_uri(store_dir: str | os.PathLike) -> str:
@@ -102,24 +134,34 @@ def check_sqlite(database: Path, uri: str) -> None:
 
 def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
     """The tracking server answers (any HTTP answer, or a TLS handshake, counts)."""
+    reason = why_no_answer(uri, timeout)
+    if reason is not None:
+        raise UserError(
+            f"cannot reach the MLflow tracking server {redact_uri(uri).rstrip('/')} ({reason}): "
+            "start it, or set MLFLOW_TRACKING_URI (or tracking.uri) to a server that runs"
+        )
+
+
+def server_answers(uri: str, timeout: float = SERVER_TIMEOUT_S) -> bool:
+    return why_no_answer(uri, timeout) is None
+
+
+def why_no_answer(uri: str, timeout: float) -> str | None:
+    """Why the server at ``uri`` does not answer ``/health`` (None: it answers)."""
     import ssl
     import urllib.error
     import urllib.request
 
-    shown = redact_uri(uri).rstrip("/")
     try:
-        urllib.request.urlopen(f"{shown}/health", timeout=timeout).close()
+        urllib.request.urlopen(f"{redact_uri(uri).rstrip('/')}/health", timeout=timeout).close()
     except urllib.error.HTTPError:
-        return
+        return None
     except (OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
         if isinstance(reason, ssl.SSLError):
-            return  # it answered; MLflow has its own TLS settings
-        reason = getattr(reason, "strerror", None) or reason
-        raise UserError(
-            f"cannot reach the MLflow tracking server {shown} ({reason}): start it, or set "
-            "MLFLOW_TRACKING_URI (or tracking.uri) to a server that runs"
-        ) from None
+            return None  # it answered; MLflow has its own TLS settings
+        return str(getattr(reason, "strerror", None) or reason)
+    return None
 
 
 def ensure_experiment(
