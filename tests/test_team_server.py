@@ -66,8 +66,10 @@ def server(request: pytest.FixtureRequest) -> Iterator[str]:
     if request.param == "sqlite":
         yield request.getfixturevalue("tracking_server")
         return
-    if not POSTGRES:
-        pytest.skip("PostgreSQL or psycopg2 is not installed")
+    assert POSTGRES, (  # `make test-slow` installs both as root
+        "the PostgreSQL server tests need Debian's postgresql and psycopg2: "
+        "`sudo apt-get install postgresql` and `pip install -e '.[dev]'`"
+    )
     with (
         open_folder() as root,
         team_server(root, backend="postgresql", log=root / "server.log") as (running, _),
