@@ -30,3 +30,52 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith("transferlab: error: ")
     return lines[0]
+
+
+def composed(tmp_path: Path, *overrides: str):
+    """The train config with ``overrides``, composed as the CLI does, writing into
+    ``tmp_path`` (its root and output folder)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from transferlab import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR)):
+        cfg = compose("train", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.root = cfg.paths.output_dir = str(tmp_path)
+    return cfg
+
+
+def start_dashboard(cwd: Path) -> tuple[subprocess.Popen, str]:
+    """`transferlab ui` on a free port, serving; returns the server and the link it printed
+    (to the runs table, or the dashboard's root for a store without runs)."""
+    import re
+    import threading
+    import time
+    import urllib.request
+
+    from transferlab.tracking.server import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "transferlab"), "ui", "--port", str(port)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    output: list[str] = []
+    threading.Thread(target=lambda: output.extend(server.stdout), daemon=True).start()
+    deadline = time.monotonic() + 90
+    while True:
+        link = re.search(rf"http://127\.0\.0\.1:{port}/\S*", "".join(output))
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            assert link, f"no dashboard link in: {''.join(output)}"
+            return server, link.group()
+        except OSError:
+            assert server.poll() is None, "".join(output)
+            assert time.monotonic() < deadline, "the dashboard did not start in 90 s"
+            time.sleep(0.5)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from clitools import composed, start_dashboard
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,34 +235,12 @@ def test_ui_without_a_store_says_what_to_do(tmp_path: Path) -> None:
 
 
 def test_ui_serves_the_dashboard_for_the_local_store(tmp_path: Path) -> None:
-    import socket
-    import time
-    import urllib.request
-
     store = tmp_path / "mlruns"
     store.mkdir()
     mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}").search_experiments()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [str(BIN / "transferlab"), "ui", "--port", str(port)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    server, link = start_dashboard(tmp_path)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
-                    assert reply.status == 200
-                    break
-            except OSError:
-                assert server.poll() is None, server.stdout.read().decode()
-                assert time.monotonic() < deadline, "the dashboard did not start in 90 s"
-                time.sleep(1)
+        assert link.endswith("/")  # no runs yet: the dashboard's root
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -334,19 +313,15 @@ def test_a_run_started_from_python_is_usable_like_a_cli_run(
 ) -> None:
     """``transferlab.train.run(cfg)`` without Hydra's CLI (no ``.hydra`` folder written by
     Hydra) still saves its config, logs its MLflow Model and serves ``predict``."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from transferlab import CONF_DIR
     from transferlab.inference import load_trained
     from transferlab.train import run
 
     store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    with initialize_config_dir(config_dir=str(CONF_DIR)):
-        cfg = compose("train", overrides=[*SMOKE, "trainer.max_epochs=1"])
+    cfg = composed(tmp_path, *SMOKE, "trainer.max_epochs=1")
     with open_dict(cfg):
-        cfg.paths.root = str(tmp_path)
         cfg.paths.output_dir = str(tmp_path / "out")
     run(cfg)
     (found,) = mlflow.MlflowClient(store).search_runs(["1"])

@@ -12,9 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from clitools import error_line, transferlab
+from clitools import composed, error_line, transferlab
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 from PIL import Image
 
 from transferlab import CONF_DIR
@@ -49,11 +48,7 @@ def scene_cache(tmp_path_factory: pytest.TempPathFactory):
 
 
 def tiny_config(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR)):
-        cfg = compose("train", overrides=[*TINY, *overrides])
-    with open_dict(cfg):
-        cfg.paths.root = cfg.paths.output_dir = str(tmp_path)
-    return cfg
+    return composed(tmp_path, *TINY, *overrides)
 
 
 def client_for(folder: Path) -> mlflow.MlflowClient:

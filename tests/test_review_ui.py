@@ -8,8 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -20,10 +18,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from clitools import SMOKE, error_line, transferlab
+from clitools import SMOKE, error_line, start_dashboard, transferlab
 
 from transferlab.errors import UserError
 from transferlab.tracking import review
+from transferlab.tracking.server import free_port
 
 BIN = Path(sys.executable).parent
 CHROMIUM = "/usr/bin/chromium"
@@ -120,9 +119,7 @@ def test_open_waits_for_the_server_then_opens_the_link(monkeypatch: pytest.Monke
         def log_message(self, *args) -> None:
             pass
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = HTTPServer(("127.0.0.1", port), Health)
     starter = threading.Timer(1.0, server.serve_forever)  # starts after the first tries fail
     starter.start()
@@ -134,12 +131,6 @@ def test_open_waits_for_the_server_then_opens_the_link(monkeypatch: pytest.Monke
         starter.join()
         server.server_close()
     assert opened == [link]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def headless_chromium(profile: Path):
@@ -160,32 +151,6 @@ def headless_chromium(profile: Path):
     ):  # fmt: skip
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-
-
-def start_dashboard(cwd: Path) -> tuple[subprocess.Popen, str]:
-    """`transferlab ui` on a free port, serving; returns the server and the link it printed."""
-    port = free_port()
-    server = subprocess.Popen(
-        [str(BIN / "transferlab"), "ui", "--port", str(port)],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    output: list[str] = []
-    threading.Thread(target=lambda: output.extend(server.stdout), daemon=True).start()
-    deadline = time.monotonic() + 90
-    while True:
-        link = re.search(r"http://127\.0\.0\.1:\d+/#/\S+", "".join(output))
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-            assert link, f"no link to the runs table in: {''.join(output)}"
-            return server, link.group()
-        except OSError:
-            assert server.poll() is None, "".join(output)
-            assert time.monotonic() < deadline, "the dashboard did not start in 90 s"
-            time.sleep(0.5)
 
 
 @pytest.mark.slow  # about 60 s on 2 cores: a run, a sweep of two jobs, the server, Chromium

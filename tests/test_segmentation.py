@@ -11,8 +11,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from clitools import composed
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
 from transferlab import CONF_DIR
 from transferlab.build import build_parts
@@ -38,11 +38,7 @@ TINY = [
 
 
 def tiny_config(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR)):
-        cfg = compose("train", overrides=[*TINY, *overrides])
-    with open_dict(cfg):
-        cfg.paths.root = cfg.paths.output_dir = str(tmp_path)
-    return cfg
+    return composed(tmp_path, *TINY, *overrides)
 
 
 def test_the_encoder_starts_from_the_packaged_imagenet_weights() -> None:
