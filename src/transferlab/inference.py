@@ -7,7 +7,8 @@ pretrained weights, and the checkpoint is loaded into it. ``transferlab predict`
 ``export``, ``explain`` and ``eval`` and the MLflow Model of a run use it.
 
 Preprocessing is the run's data module's eval transform, for an image alone: classification's
-as is, segmentation's (which transforms an image and its mask together) with a blank mask.
+as is; segmentation's and detection's, which transform an image with its mask or boxes,
+through their ``image_only``.
 A segmentation network's logits are resized back to each image's own size before the argmax
 (:func:`predicted_masks`), and a mask is written as a palette PNG (:func:`mask_png`).
 """
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
     from omegaconf import DictConfig
-    from PIL import Image
     from torch import nn
 
     from transferlab.tasks import Task
@@ -318,29 +318,7 @@ def paired_preprocessing(
     except TypeError as err:
         raise UserError(f"the run's data config: {err}") from None
     size = tuple(int(v) for v in datamodule.data_config["input_size"])
-    return ImageAlone(datamodule.eval_transform), "RGB", size  # type: ignore[return-value]
-
-
-class ImageAlone:
-    """A paired eval transform, (image, mask) or (image, boxes, labels), applied to an
-    image without targets (a blank mask, no boxes)."""
-
-    def __init__(self, paired: Callable[..., tuple[Any, Any]]) -> None:
-        self.paired = paired
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        import numpy as np
-
-        from transferlab.data.det_transforms import DetTransform
-
-        if isinstance(self.paired, DetTransform):
-            no_boxes = np.zeros((0, 4), dtype=np.float32)
-            return self.paired(image, no_boxes, np.zeros(0, dtype=np.int64))[0]
-        blank = np.zeros((image.height, image.width), dtype=np.uint8)
-        return self.paired(image, blank)[0]
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.paired!r})"
+    return datamodule.eval_transform.image_only, "RGB", size  # type: ignore[return-value]
 
 
 def predicted_masks(

@@ -61,6 +61,10 @@ class DetTransform:
             key: value.as_subclass(torch.Tensor) for key, value in out_target.items()
         }
 
+    def image_only(self, image: Image.Image) -> torch.Tensor:
+        """The transformed ``image`` alone, as for prediction (no boxes go along)."""
+        return self(image, np.zeros((0, 4), dtype=np.float32), np.zeros(0, dtype=np.int64))[0]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.pipeline})"
 

@@ -36,6 +36,10 @@ class SegTransform:
         out_image, out_mask = self.pipeline(pixels, labels)
         return out_image.as_subclass(torch.Tensor), out_mask.as_subclass(torch.Tensor)
 
+    def image_only(self, image: Image.Image) -> torch.Tensor:
+        """The transformed ``image`` alone, as for prediction (a blank mask goes along)."""
+        return self(image, np.zeros((image.height, image.width), dtype=np.uint8))[0]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.pipeline})"
 
