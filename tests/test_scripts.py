@@ -129,3 +129,14 @@ def test_overhead_benchmark_tiny_segmentation(tmp_path: Path) -> None:
     assert "segmentation: fmnist_scenes" in stdout
     for path in ("transferlab", "plain", "plain_fast"):
         assert report[f"{path}_train_img_s"] > 0 and report[f"{path}_eval_img_s"] > 0
+
+
+@pytest.mark.slow  # two real runs, one of them 2 DDP processes: 30 s on 2 cores
+def test_ddp_benchmark_tiny(tmp_path: Path) -> None:
+    stdout, report = run_script("bench_ddp", tmp_path)
+    assert "efficiency" in stdout
+    one, two = report["points"]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["speedup"] == 1.0 and two["images_per_s"] > 0
+    assert two["efficiency"] == pytest.approx(two["speedup"] / 2)
+    assert two["threads_per_process"] == max(1, report["cores"] // 2)

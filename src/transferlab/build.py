@@ -93,6 +93,9 @@ def build_trainer(
 
     options = OmegaConf.to_container(cfg, resolve=True)
     options = {k: v for k, v in options.items() if k not in RUNTIME_KEYS}
+    if options.get("sync_batchnorm") == "auto":  # decided by ddp_options for several ranks
+        options["sync_batchnorm"] = False
+    options.update(extra)  # the run's own choices (a DDP strategy object for "ddp")
     if not logger:  # nothing to record learning rates into
         callbacks = [c for c in callbacks if not isinstance(c, LearningRates)]
     try:
@@ -102,7 +105,9 @@ def build_trainer(
             logger=logger,
             default_root_dir=root_dir,
             enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-            **extra,
+            # The loaders shard themselves under DDP (``data.samplers``), keeping the
+            # (seed, epoch) order and counting each validation and test image once.
+            use_distributed_sampler=False,
         )
     except TypeError as err:
         raise UserError(f"trainer config: {err}") from None
@@ -149,6 +154,7 @@ class RunParts:
 def build_parts(cfg: DictConfig, runtime: Runtime | None = None) -> RunParts:
     """Data, network, strategy, module and callbacks for ``cfg``, as the CLI builds them."""
     from transferlab.callbacks import EpochSeed, TrainingWatch
+    from transferlab.distributed import ddp_options, processes_per_node
     from transferlab.finetune import build_strategy
     from transferlab.module import TransferModule
     from transferlab.tasks import build_task
@@ -174,6 +180,8 @@ def build_parts(cfg: DictConfig, runtime: Runtime | None = None) -> RunParts:
     callbacks = [*build_callbacks(cfg.get("callbacks"), allowed), strategy, watch]
     callbacks.append(EpochSeed(cfg.seed))
     fit_data, options = with_feature_cache(datamodule, strategy, task, cfg.trainer.max_epochs)
+    if processes_per_node(cfg.trainer) * int(cfg.trainer.get("num_nodes", 1)) > 1:
+        options.update(ddp_options(cfg.trainer, strategy, network))
     return RunParts(
         task, datamodule, network, strategy, module, callbacks, watch, fit_data, options
     )

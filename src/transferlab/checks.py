@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from transferlab import distributed
 from transferlab.errors import UserError
 
 MAX_SEED = 2**32 - 1  # what numpy and Lightning accept
@@ -41,6 +42,7 @@ def check_config(cfg: DictConfig) -> None:
     check_tracking(plain.get("tracking") or {})
     check_targets(plain)
     check_trainer(plain.get("trainer") or {})
+    distributed.check(plain)
     for group in ("optimizer", "scheduler"):
         check_call_arguments(plain.get(group), group)
     check_data(plain.get("data") or {})

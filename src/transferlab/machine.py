@@ -202,11 +202,14 @@ def apply_wait_policy(setting: Setting) -> Setting:
     return setting
 
 
-def plan_threads(requested: int | None, launcher: Mapping[str, Any] | None) -> dict[str, Setting]:
-    """This job's torch threads and OpenMP wait policy, before torch loads.
+def plan_threads(
+    requested: int | None, launcher: Mapping[str, Any] | None, processes: int = 1
+) -> dict[str, Setting]:
+    """This process's torch threads and OpenMP wait policy, before torch loads.
 
     ``requested``: ``num_threads`` from the config (None: automatic); ``launcher``: the
-    Hydra launcher's config in a sweep, None for a single run.
+    Hydra launcher's config in a sweep, None for a single run; ``processes``: the job's
+    DDP processes on this node, which share its cores.
     """
     cores = usable_cores()
     parallel = parallel_jobs(launcher, cores) if launcher is not None else 1
@@ -221,6 +224,12 @@ def plan_threads(requested: int | None, launcher: Mapping[str, Any] | None) -> d
         threads = Setting(per_job, f"{cores} cores shared by {parallel} sweep jobs")
     else:
         threads = Setting(None, f"torch's default: the {cores} usable cores")
+    own_cpus = launcher is not None and launcher.get("cpus_per_task")  # per SLURM task
+    if processes > 1 and requested is None and not own_cpus:
+        count = threads.value or cores
+        threads = Setting(
+            max(1, count // processes), f"{count} cores shared by {processes} DDP processes"
+        )
     count = threads.value or cores
     measure = parallel == 1 and not os.environ.get(WAIT_POLICY_ENV) and "torch" not in sys.modules
     others = busy_cores_of_others() if measure else None

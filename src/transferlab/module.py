@@ -16,7 +16,7 @@ from transferlab.runtime import Runtime
 from transferlab.tasks import Step, Task, build_task
 
 if TYPE_CHECKING:
-    from torchmetrics import Metric
+    from torchmetrics import Metric, MetricCollection
 
 
 @contextlib.contextmanager
@@ -49,6 +49,33 @@ def in_fp32(outputs: Any) -> Any:
     if isinstance(outputs, (list, tuple)):
         return type(outputs)(in_fp32(value) for value in outputs)
     return outputs
+
+
+class EpochMeans(nn.Module):
+    """The epoch means of a split's loss and its terms, weighted by batch size (as
+    Lightning's epoch-level logging weights them), synced over DDP ranks when computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.means = nn.ModuleDict()
+
+    def update(self, values: Mapping[str, torch.Tensor], size: int) -> None:
+        from torchmetrics import MeanMetric
+
+        for name, value in values.items():
+            if name not in self.means:
+                self.means[name] = MeanMetric().to(value.device)
+            self.means[name].update(value.detach().float(), weight=size)
+
+    def compute(self, epoch_suffix: bool = False) -> dict[str, torch.Tensor]:
+        """The means (the loss as ``loss_epoch`` with ``epoch_suffix``), then reset."""
+        values = {}
+        for name, mean in self.means.items():
+            if mean.update_called:
+                key = "loss_epoch" if epoch_suffix and name == "loss" else name
+                values[key] = mean.compute()
+            mean.reset()
+        return values
 
 
 class TransferModule(pl.LightningModule):
@@ -105,6 +132,7 @@ class TransferModule(pl.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.test_state = nn.ModuleDict(self.task.test_state(num_classes))
+        self.train_losses, self.val_losses, self.test_losses = (EpochMeans() for _ in range(3))
 
     def forward(self, x: torch.Tensor, *targets: Any) -> Any:
         """The network on images ``x`` in the runtime's memory format; ``targets``: what a
@@ -129,16 +157,13 @@ class TransferModule(pl.LightningModule):
         return loss if loss.requires_grad else None  # None: nothing trains (a solved probe)
 
     def on_train_epoch_end(self) -> None:
-        if self.train_metrics is not None:
-            self.log_dict(self.train_metrics.compute())
-            self.train_metrics.reset()
+        self.log_epoch("train", self.train_metrics)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self.record("val", self.task.evaluation_step(self, batch), batch, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
-        self.val_metrics.reset()
+        self.log_epoch("val", self.val_metrics, prog_bar=True)
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         step = self.task.evaluation_step(self, batch)
@@ -147,21 +172,13 @@ class TransferModule(pl.LightningModule):
     def record(
         self, split: str, step: Step, batch: Mapping[str, Any], *metrics: Metric | None
     ) -> None:
-        """Log ``step``'s loss and its terms, and update ``metrics`` with its outputs."""
+        """Log a training step's loss; add ``step``'s loss and terms to the split's epoch
+        means, and update ``metrics`` with its outputs."""
         size = len(batch[self.task.target])
-        if step.loss is not None:
-            training = split == "train"
-            self.log(
-                f"{split}/loss",
-                step.loss,
-                on_step=training,
-                on_epoch=True,
-                prog_bar=training,
-                batch_size=size,
-            )
-        if step.terms:
-            terms = {f"{split}/{name}": value.detach() for name, value in step.terms.items()}
-            self.log_dict(terms, on_step=False, on_epoch=True, batch_size=size)
+        losses = {"loss": step.loss} if step.loss is not None else {}
+        getattr(self, f"{split}_losses").update({**losses, **step.terms}, size)
+        if split == "train" and step.loss is not None:
+            self.log("train/loss_step", step.loss, prog_bar=True, batch_size=size)
         if step.outputs is None:
             return
         target = batch[self.task.target]
@@ -170,6 +187,22 @@ class TransferModule(pl.LightningModule):
                 if metric is not None:
                     metric.update(step.outputs, target)
 
+    def log_epoch(self, split: str, metrics: MetricCollection | None, reset: bool = True,
+                  **options: Any) -> None:  # fmt: skip
+        """Log the split's epoch: its loss means and ``metrics``, each computed over every
+        rank (torchmetrics syncs on compute: every rank runs this hook, in the same order).
+
+        Not Lightning's ``sync_dist``: its progress bar computes those on rank 0 alone, in
+        an earlier hook than the other ranks, which deadlocks DDP.
+        """
+        values = getattr(self, f"{split}_losses").compute(epoch_suffix=split == "train")
+        values = {f"{split}/{name}": value for name, value in values.items()}
+        if metrics is not None and any(m.update_called for m in metrics.values()):
+            values.update(metrics.compute())
+            if reset:
+                metrics.reset()
+        self.log_dict(values, **options)
+
     def on_test_epoch_start(self) -> None:
         self.test_metrics.reset()
         for metric in self.test_state.values():
@@ -177,7 +210,11 @@ class TransferModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         # Not reset here: the task's report may read what the test metrics accumulated.
-        self.log_dict(self.test_metrics.compute())
+        self.log_epoch("test", self.test_metrics, reset=False)
+        if self.trainer.world_size > 1:  # the report runs on rank 0 alone, after the others
+            from transferlab.distributed import keep_synced_states
+
+            keep_synced_states([*self.test_metrics.values(), *self.test_state.values()])
 
     def configure_optimizers(self):
         groups = self.finetune.param_groups(self.network)

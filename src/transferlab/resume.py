@@ -28,6 +28,7 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 # What may change when a run resumes: how long it trains and how it shows progress.
 SAFE_CHANGES = (
     "trainer.max_epochs",
+    "trainer.devices",  # a DDP run continues on one process (trainer.devices=1)
     "num_threads",
     "trainer.enable_progress_bar",
     "callbacks.progress_bar.refresh_rate",

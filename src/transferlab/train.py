@@ -33,6 +33,8 @@ QUIET_WARNINGS = (
     ".*does not have many workers.*",
     ".*The number of training batches .* is smaller than the logging interval.*",
     ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+    # DDP: epoch values are computed over every rank by torchmetrics (module.log_epoch).
+    ".*when logging on epoch level in distributed setting.*",
 )
 
 
@@ -111,17 +113,28 @@ def run(cfg: DictConfig) -> float:
     The MLflow run starts before anything is built, so a job that fails anywhere (bad
     data, unknown model, diverging loss) is recorded as a FAILED run with its error.
     """
-    from transferlab.machine import Setting, plan_threads
-    from transferlab.tracking.record import record_config
+    from transferlab.distributed import is_rank_zero, job_workers, processes_per_node
+    from transferlab.machine import plan_threads
 
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     validate(cfg)
-    speed = plan_threads(cfg.get("num_threads"), sweep_launcher())  # before torch loads
+    processes = processes_per_node(cfg.trainer)
+    # Before torch loads.
+    speed = plan_threads(cfg.get("num_threads"), sweep_launcher(), processes)
+    with job_workers(cfg):  # DDP: ranks 1..N-1 start now and build while rank 0 does
+        if not is_rank_zero():  # a DDP worker: trains and tests with rank 0, records nothing
+            return fit_and_test(cfg, None, *runtime_of(cfg, speed))
+        return tracked_fit_and_test(cfg, speed, processes)
 
+
+def runtime_of(cfg: DictConfig, speed: dict[str, Setting]) -> tuple[Runtime, dict[str, Setting]]:
+    """The run's hardware settings (``speed`` completed), torch's threads set and the
+    random generators seeded."""
     import pytorch_lightning as pl
     import torch
 
+    from transferlab.machine import Setting
     from transferlab.runtime import Runtime, device_type_of
 
     if speed["threads"].value:
@@ -131,7 +144,15 @@ def run(cfg: DictConfig) -> float:
     runtime, runtime_speed = Runtime.from_config(cfg.trainer).resolve(device_type)
     speed.update(runtime_speed)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    resume = resume_of(cfg)
+    return runtime, speed
+
+
+def tracked_fit_and_test(cfg: DictConfig, speed: dict[str, Setting], processes: int) -> float:
+    """Rank 0's (or the only process's) run, recorded in MLflow."""
+    from transferlab.tracking.record import record_config
+
+    runtime, speed = runtime_of(cfg, speed)
+    resume = resume_of(cfg) if processes == 1 else None
     with tracked_run(cfg, resume) as run:
         if run is not None:
             from transferlab.resume import write_run_file
@@ -203,11 +224,18 @@ def fit_and_test(
         results = trainer.test(
             parts.module, datamodule=parts.datamodule, ckpt_path=best_path or None, verbose=False
         )
+    if trainer.world_size > 1:
+        from transferlab.distributed import end_process_group
+
+        end_process_group()  # every rank has tested: rank 0 reports alone
+        if not trainer.is_global_zero:
+            return best
     timings = {"time/fit_s": fit_seconds, "time/test_s": time.perf_counter() - started}
     test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
     summary = {
         f"best/{cfg.monitor}": best,
-        "perf/train_images_per_s": parts.watch.images / fit_seconds,
+        # Every rank trains on as many images (its shard, padded).
+        "perf/train_images_per_s": parts.watch.images * trainer.world_size / fit_seconds,
         **timings,
     }
     if run is not None:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from transferlab.data import splits
 from transferlab.data.datasets import ImageDataset
-from transferlab.data.samplers import epoch_loader
+from transferlab.data.samplers import epoch_loader, eval_loader
 from transferlab.data.sources import ImageSet, load_source
 from transferlab.data.transforms import (
     augment_name,
@@ -100,12 +100,7 @@ class SplitDataModule(pl.LightningDataModule):
 
     def _eval_loader(self, dataset: ImageDataset | None) -> DataLoader:
         self._require_setup()
-        return DataLoader(
-            dataset,
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            **self._loader_options(),
-        )
+        return eval_loader(dataset, self.eval_batch_size, **self._loader_options())
 
     def _loader_options(self) -> dict[str, Any]:
         return {

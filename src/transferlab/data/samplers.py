@@ -14,11 +14,18 @@ class EpochShuffleSampler(Sampler[int]):
 
     Lightning calls ``set_epoch`` before every training epoch, so a resumed run, a reloaded
     loader and a loader over cached features all see the same order as one uninterrupted run.
+
+    Under DDP rank r of N takes positions r, r + N, ... of the epoch's permutation (the
+    same on every rank), the last few repeated from its start so that every rank has as
+    many batches: the ranks' shards together are the split.
     """
 
     def __init__(self, size: int, seed: int, epoch: int = 0) -> None:
+        from transferlab.distributed import world
+
         self.size = size
         self.seed = seed
+        self.rank, self.world_size = world()
         # For the loader: an iterator draws its workers' base seed from here, not from
         # torch's global generator, so the epoch's random draws (dropout, augmentation in
         # workers) depend on (seed, epoch) alone.
@@ -31,10 +38,29 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        if self.world_size == 1:
+            return iter(order)
+        total = len(self) * self.world_size
+        padded = (order * (total // self.size + 1))[:total]
+        return iter(padded[self.rank :: self.world_size])
 
     def __len__(self) -> int:
-        return self.size
+        return -(-self.size // self.world_size)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, **options: Any) -> DataLoader:
+    """A validation or test loader in the split's order; under DDP each rank takes every
+    N-th item, none twice, so metrics synced over the ranks count each item once."""
+    from transferlab.distributed import world
+
+    rank, size = world()
+    sampler = None
+    if size > 1:
+        from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+
+        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=size, rank=rank, shuffle=False)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, **options)
 
 
 def epoch_loader(

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from transferlab.data.samplers import epoch_loader
+from transferlab.data.samplers import epoch_loader, eval_loader
 from transferlab.finetune.strategies import FinetuneStrategy
 from transferlab.runtime import Runtime
 
@@ -54,21 +54,28 @@ def extract_features(
     """The backbone's pooled features (eval mode) and the labels of every item of ``dataset``.
 
     ``runtime`` gives the memory format and inference precision (bf16 features are stored
-    as fp32, so the head trains in fp32 either way).
+    as fp32, so the head trains in fp32 either way). Under DDP each rank computes every
+    N-th item and every rank gets them all (a collective).
     """
     from tqdm.auto import tqdm
+
+    from transferlab.distributed import gather_rows
 
     runtime = runtime or Runtime()
     was_training = backbone.training
     backbone.eval()
     features, labels = [], []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = eval_loader(dataset, batch_size)
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         with runtime.inference(device.type):
             features.append(backbone(runtime.inputs(batch["image"].to(device))).float().cpu())
         labels.append(torch.as_tensor(batch["label"]))
     backbone.train(was_training)
-    return FeatureSet(torch.cat(features), torch.cat(labels))
+    total = len(dataset)
+    return FeatureSet(
+        gather_rows(torch.cat(features), total, device),
+        gather_rows(torch.cat(labels), total, device),
+    )
 
 
 class FeatureCacheDataModule(pl.LightningDataModule):
@@ -113,7 +120,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             self._loaders[key] = (
                 epoch_loader(cached, batch_size, self.images.seed, self.images.start_epoch)
                 if shuffle
-                else DataLoader(cached, batch_size=batch_size)
+                else eval_loader(cached, batch_size)
             )
         return self._loaders[key]
 

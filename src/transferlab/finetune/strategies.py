@@ -111,6 +111,12 @@ class FinetuneStrategy(pl.Callback):
         """Epochs at which the learning-rate schedule starts again (a new phase)."""
         return []
 
+    def trainable_set_changes(self, num_stages: int, max_epochs: int) -> bool:
+        """Whether the set of training parameters changes during a run of ``max_epochs``
+        (stages unfreeze)."""
+        counts = {self.trainable_stages(epoch, num_stages) for epoch in range(max_epochs)}
+        return len(counts) > 1
+
     # Learning rates ---------------------------------------------------------------------
     def stage_lr_mults(self, num_stages: int) -> list[float]:
         """Stage i (0 = stem) learns at ``backbone_lr_mult * layer_decay ** (top - i)``."""
@@ -132,6 +138,12 @@ class FinetuneStrategy(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         backbone = pl_module.network.backbone
         self.stages = backbone_stages(backbone)
+        if trainer.world_size > 1 and self.trainable_set_changes(
+            len(self.stages), int(trainer.max_epochs or 1)
+        ):
+            # DDP, which wraps the network after this hook, all-reduces only the parameters
+            # that train then: all of them, until the first epoch starts.
+            return
         self.apply(pl_module, trainer.current_epoch)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -171,6 +183,14 @@ class FinetuneStrategy(pl.Callback):
             return
         train = features("train")
         loss = fit_logistic_regression(layer, train.features, train.labels, C=self.probe_C)
+        if trainer.world_size > 1:
+            # Lightning's DDP cannot skip a step in which nothing trains.
+            print(
+                f"Linear head fitted by L-BFGS on {len(train)} cached features (loss "
+                f"{loss:.4f}); under DDP it trains on from there while the backbone is frozen.",
+                flush=True,
+            )
+            return
         self._head_solved = True
         self._trainable = None  # re-apply: the solved head now stays fixed while frozen
         self.apply(pl_module, trainer.current_epoch)
