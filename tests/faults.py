@@ -45,3 +45,15 @@ class StopServer(pl.Callback):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"the server on port {self.port} still answers")
+
+
+class FailOnRank(pl.Callback):
+    """Raises on DDP rank ``rank`` before its training batch ``batch``: a worker that dies
+    in the middle of an epoch."""
+
+    def __init__(self, rank: int, batch: int) -> None:
+        self.rank, self.batch = rank, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_rank == self.rank and batch_idx == self.batch:
+            raise RuntimeError(f"injected failure on rank {self.rank}")

@@ -235,3 +235,18 @@ def test_ddp_jobs_of_a_multirun_each_start_their_own_workers(tmp_path: Path) -> 
     for job in ("0", "1"):
         log = (tmp_path / "sweep" / job / "ddp_rank1.log").read_text()
         assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_mid_epoch_ends_the_job_with_its_error(tmp_path: Path) -> None:
+    fault = [
+        "allowed_targets=[torch.optim.*,pytorch_lightning.callbacks.*,transferlab.*,faults.*]",
+        "+callbacks.fault._target_=faults.FailOnRank",
+        "+callbacks.fault.rank=1",
+        "+callbacks.fault.batch=1",
+    ]
+    result = transferlab("train", *DDP, *TINY, *fault, cwd=tmp_path, env=env(), timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]  # after MLflow's notes on a new store
+    assert last == "transferlab: error: DDP rank 1 failed: RuntimeError: injected failure on rank 1"
+    assert "Traceback" not in result.stderr

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -37,8 +38,13 @@ if TYPE_CHECKING:
 # What Lightning's environment reads in an externally launched process.
 LAUNCH_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 WORKER_LOG = "ddp_rank{rank}.log"
+RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s*")  # torch's prefix of a failed rank's lines
 # How long a worker may take to exit once rank 0 is done (it has finished testing by then).
 WORKER_EXIT_S = 60.0
+# Exit statuses of a worker stopped by SIGINT or SIGTERM (Ctrl+C reaches every rank).
+STOPPED_BY_SIGNAL = (-2, -15, 130, 143)
+# How long rank 0, failing, waits for a worker that may have failed first to exit.
+WORKER_FAIL_S = 5.0
 
 
 def processes_per_node(trainer: Mapping[str, Any]) -> int:
@@ -120,9 +126,10 @@ class Workers:
     """Ranks 1..N-1 of one job on this node, and rank 0's launch variables in this process.
 
     Each worker writes its output to ``ddp_rank<r>.log`` in the job's folder. A worker that
-    fails stops this process (SIGTERM, which ends the run as stopped), since rank 0 would
-    otherwise wait for it in a collective; on the way out every worker still running is
-    stopped, and the variables are restored (a sweep's next job starts clean).
+    fails stops this process (SIGTERM), since rank 0 could wait for it in a collective, and
+    the job ends with the worker's last line as its error. On the way out every worker
+    still running is stopped and the variables are restored (a sweep's next job starts
+    clean).
     """
 
     def __init__(self, overrides: Sequence[str], output_dir: str, processes: int) -> None:
@@ -169,24 +176,31 @@ class Workers:
 
         while not self._done.wait(0.5):
             for rank, proc in self.procs.items():
-                if proc.poll() not in (None, 0):
+                if proc.poll() not in (None, 0, *STOPPED_BY_SIGNAL):
                     self.failed = rank
-                    print(f"transferlab: DDP rank {rank} failed: {self.last_line(rank)}",
-                          file=sys.stderr, flush=True)  # fmt: skip
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), signal.SIGTERM)  # __exit__ says why, in one line
                     return
 
     def last_line(self, rank: int) -> str:
         """The worker's last log line that says something (its error, when it failed)."""
-        lines = [ln for ln in self.log(rank).read_text(errors="replace").splitlines() if ln.strip()]
-        return lines[-1].strip() if lines else f"no output (see {self.log(rank)})"
+        text = self.log(rank).read_text(errors="replace")
+        lines = [RANK_PREFIX.sub("", line).strip() for line in text.splitlines() if line.strip()]
+        return lines[-1] if lines else f"no output (see {self.log(rank)})"
 
     def __exit__(self, *exc: Any) -> None:
         self._done.set()
-        deadline = time.monotonic() + (WORKER_EXIT_S if exc[0] is None else 0)
+        # Done: the workers finish their test and exit. Failed: a worker that failed first
+        # (rank 0 then fails in a collective) is exiting too; the others are stopped.
+        deadline = time.monotonic() + (WORKER_EXIT_S if exc[0] is None else WORKER_FAIL_S)
         for proc in self.procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        if self.failed is None:
+            self.failed = next(
+                (r for r, p in self.procs.items() if p.poll() not in (None, 0, *STOPPED_BY_SIGNAL)),
+                None,
+            )
+        for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -198,11 +212,10 @@ class Workers:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        if exc[0] is None:
-            failed = [rank for rank, proc in self.procs.items() if proc.returncode != 0]
-            if failed:
-                rank = failed[0]
-                raise UserError(f"DDP rank {rank} failed: {self.last_line(rank)}")
+        if self.failed is not None:  # the cause, instead of what it made rank 0 raise
+            raise UserError(f"DDP rank {self.failed} failed: {self.last_line(self.failed)}")
+        if exc[0] is None and any(p.returncode != 0 for p in self.procs.values()):
+            raise UserError(f"DDP workers did not exit after the test: see {self.log(1)}")
 
 
 def job_workers(cfg: Any) -> contextlib.AbstractContextManager[Any]:
