@@ -192,6 +192,14 @@ def test_the_training_sampler_shards_each_epochs_order() -> None:
     assert shards[0] == whole[0::3] and shards[2] == [*whole[2::3], whole[0]]
 
 
+def test_evaluation_shards_are_blocks_that_rejoin_in_order() -> None:
+    from transferlab.data.samplers import ShardSampler
+
+    blocks = [list(ShardSampler(11, rank, 3)) for rank in range(3)]
+    assert [len(b) for b in blocks] == [4, 4, 3]
+    assert [i for block in blocks for i in block] == list(range(11))
+
+
 def test_resuming_a_ddp_run_asks_for_one_process_in_one_line(ddp_run) -> None:
     cwd, folder, run_id, _ = ddp_run
     before = client_at(cwd).get_run(run_id).data.metrics

@@ -246,12 +246,14 @@ def world() -> tuple[int, int]:
 
 
 def gather_rows(local: torch.Tensor, total: int, device: torch.device) -> torch.Tensor:
-    """The rows of a split computed in shards (rank r: rows r, r + N, ...) as one tensor
-    on every rank, in the split's order."""
+    """The rows of a split computed in blocks (rank r: its ``ShardSampler`` block) as one
+    tensor on every rank, in the split's order."""
     import torch
     import torch.distributed as dist
 
-    _rank, size = world()
+    from transferlab.data.samplers import shard_bounds
+
+    _, size = world()
     if size == 1:
         return local
     rows = -(-total // size)
@@ -259,11 +261,8 @@ def gather_rows(local: torch.Tensor, total: int, device: torch.device) -> torch.
     padded[: len(local)] = local.to(device)
     shards = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(shards, padded)
-    whole = torch.empty((total, *local.shape[1:]), dtype=local.dtype)
-    for r, shard in enumerate(shards):
-        count = len(range(r, total, size))
-        whole[r::size] = shard[:count].cpu()
-    return whole
+    counts = [stop - start for start, stop in (shard_bounds(total, r, size) for r in range(size))]
+    return torch.cat([shard[:count].cpu() for shard, count in zip(shards, counts, strict=True)])
 
 
 def keep_synced_states(metrics: Sequence[Any]) -> None:

@@ -49,17 +49,36 @@ class EpochShuffleSampler(Sampler[int]):
         return -(-self.size // self.world_size)
 
 
+def shard_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous block [start, stop) of ``size`` items split in
+    ``world_size`` blocks whose lengths differ by at most one."""
+    base, extra = divmod(size, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+class ShardSampler(Sampler[int]):
+    """One rank's contiguous block of a split, in order, none repeated: what the ranks
+    accumulate, gathered in rank order, is the split in its own order (the reports'
+    images line up with their predictions)."""
+
+    def __init__(self, size: int, rank: int, world_size: int) -> None:
+        self.start, self.stop = shard_bounds(size, rank, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
 def eval_loader(dataset: Dataset, batch_size: int, **options: Any) -> DataLoader:
-    """A validation or test loader in the split's order; under DDP each rank takes every
-    N-th item, none twice, so metrics synced over the ranks count each item once."""
+    """A validation or test loader in the split's order; under DDP each rank takes its
+    :class:`ShardSampler` block, so metrics synced over the ranks count each item once."""
     from transferlab.distributed import world
 
     rank, size = world()
-    sampler = None
-    if size > 1:
-        from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-
-        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=size, rank=rank, shuffle=False)
+    sampler = ShardSampler(len(dataset), rank, size) if size > 1 else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, **options)
 
 

@@ -54,8 +54,8 @@ def extract_features(
     """The backbone's pooled features (eval mode) and the labels of every item of ``dataset``.
 
     ``runtime`` gives the memory format and inference precision (bf16 features are stored
-    as fp32, so the head trains in fp32 either way). Under DDP each rank computes every
-    N-th item and every rank gets them all (a collective).
+    as fp32, so the head trains in fp32 either way). Under DDP each rank computes its
+    block of the items and every rank gets them all (a collective).
     """
     from tqdm.auto import tqdm
 
