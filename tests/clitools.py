@@ -32,6 +32,18 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def sweep_runs(cwd: Path, experiment: str = "transferlab") -> tuple[list, list]:
+    """The parent runs and the child runs of ``experiment`` in the store under ``cwd``
+    (``mlruns/mlflow.db``), read back through MLflow."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [run for run in runs if run.data.tags.get("sweep.parent") == "true"]
+    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    return parents, children
+
+
 def composed(tmp_path: Path, *overrides: str):
     """The train config with ``overrides``, composed as the CLI does, writing into
     ``tmp_path`` (its root and output folder)."""

@@ -262,7 +262,7 @@ def test_every_shipped_option_passes_the_checks(place, tmp_path: Path) -> None:
     """No false alarm: each option of each group, with the data it runs on by default."""
     for group, option in GOOD_CONFIGS:
         overrides = [f"{group}={option}"]
-        if option == "image_folder":
+        if option in ("image_folder", "identity_folder"):
             overrides.append(f"data.root={place['root'] / 'good'}")
         if option == "seg_folder":
             overrides.append("data.root=/images")

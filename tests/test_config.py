@@ -39,11 +39,11 @@ ALL_OPTIONS = [(group, option) for group in GROUPS for option in options(group)]
 @pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
 def test_every_option_composes_and_resolves(tmp_path: Path, group: str, option: str) -> None:
     overrides = [f"{group}={option}"]
-    if (group, option) in (("data", "image_folder"), ("data", "seg_folder")):
+    if group == "data" and option.endswith("_folder"):  # the user's own folders
         overrides.append("data.root=/images")
     cfg = compose_train(tmp_path, *overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    monitors = {"segmentation": "val/miou", "detection": "val/map"}
+    monitors = {"segmentation": "val/miou", "detection": "val/map", "embedding": "val/map_at_r"}
     assert resolved["monitor"] == monitors.get(resolved["task"]["name"], "val/acc")
     checkpoint = (resolved.get("callbacks") or {}).get("model_checkpoint")
     assert checkpoint is None or checkpoint["monitor"] == resolved["monitor"]

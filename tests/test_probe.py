@@ -37,3 +37,4 @@ def test_matches_scikit_learn_logistic_regression():
 def test_linear_layer_finds_the_head_layer_or_none():
     assert isinstance(linear_layer(nn.Sequential(nn.Dropout(0.1), nn.Linear(3, 2))), nn.Linear)
     assert linear_layer(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))) is None
+    assert linear_layer(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))) is None  # embedding

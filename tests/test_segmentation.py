@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from clitools import composed
+from clitools import composed, sweep_runs
 from hydra import compose, initialize_config_dir
 
 from transferlab import CONF_DIR
@@ -217,11 +217,7 @@ def test_a_sweep_of_decoders_and_strategies_compares_miou(tmp_path: Path) -> Non
         f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("transferlab").experiment_id
-    runs = client.search_runs([experiment])
-    parents = [run for run in runs if run.data.tags.get("sweep.parent") == "true"]
-    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    parents, children = sweep_runs(tmp_path)
     assert len(parents) == 1 and len(children) == 4
     assert {run.info.status for run in children} == {"FINISHED"}
     jobs = {(r.data.params["task.decoder"], r.data.params["finetune.strategy"]) for r in children}

@@ -274,7 +274,7 @@ def check_data(data: Mapping[str, Any]) -> None:
     """Sizes, counts and fractions of the ``data`` group, and an image folder's layout."""
     for key in ("batch_size", "image_size", "eval_batch_size", "samples_per_class"):
         _check_positive(data, key, required=key == "batch_size")
-    for key in ("val_per_class", "train_images", "images_per_class"):
+    for key in ("val_per_class", "train_images", "images_per_class", "images_per_identity"):
         _check_positive(data, key)
     for key in ("val_fraction", "test_fraction"):
         value = data.get(key, 0.0)

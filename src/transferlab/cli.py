@@ -44,6 +44,11 @@ commands:
   explain Grad-CAM heat maps of a trained run: where in each image it found its evidence
           (transferlab explain run=<run id | run folder | checkpoint> images=<file | folder>
            [out=explain] [class=predicted | <class name>] [batch_size=16] [store_dir=mlruns])
+  embed   a trained task=embedding run's embeddings of images: embeddings.npy and index.csv
+          (transferlab embed run=<run id | run folder | checkpoint> images=<file | folder>
+           [out=embeddings] [batch_size=64] [store_dir=mlruns])
+  verify  whether two images show the same identity, at a task=embedding run's threshold
+          (transferlab verify run=<run id | run folder | checkpoint> a.jpg b.jpg)
   export  write a trained run's network as ONNX, checked against PyTorch with onnxruntime
           (transferlab export run=<run id | run folder | checkpoint> format=onnx
            [out=model.onnx] [store_dir=mlruns])
@@ -218,6 +223,18 @@ def explain(argv: list[str]) -> int:
     return explain_main(argv)
 
 
+def embed(argv: list[str]) -> int:
+    from transferlab.embed import embed_main
+
+    return embed_main(argv)
+
+
+def verify(argv: list[str]) -> int:
+    from transferlab.embed import verify_main
+
+    return verify_main(argv)
+
+
 def export(argv: list[str]) -> int:
     from transferlab.export import main as export_main
 
@@ -255,6 +272,8 @@ COMMANDS = {
     "predict": predict,
     "eval": evaluate,
     "explain": explain,
+    "embed": embed,
+    "verify": verify,
     "export": export,
 }
 

@@ -9,9 +9,12 @@ from torch.nn import functional as F
 
 
 def linear_layer(head: nn.Module) -> nn.Linear | None:
-    """The head's only Linear layer, or None when the head is not linear (an MLP)."""
+    """The head's only Linear layer, or None when the head is more than a linear classifier
+    (an MLP; an embedding's projection, BatchNorm and class centres)."""
     layers = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    return layers[0] if len(layers) == 1 else None
+    if len(layers) != 1 or len(list(head.parameters())) != len(list(layers[0].parameters())):
+        return None
+    return layers[0]
 
 
 def fit_logistic_regression(

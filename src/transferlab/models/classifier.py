@@ -38,10 +38,16 @@ def build_classifier(cfg: Mapping[str, Any] | DictConfig, num_classes: int) -> C
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     config = ModelConfig.from_cfg(cfg)
+    backbone = pretrained_backbone(config)
+    return Classifier(backbone, build_head(config.head, feature_dim(backbone), num_classes))
+
+
+def pretrained_backbone(config: ModelConfig) -> nn.Module:
+    """The config's timm backbone (pooled features out), with its weights when pretrained."""
     backbone = create_backbone(config)
     if config.pretrained:
         load_pretrained(backbone, config)
-    return Classifier(backbone, build_head(config.head, feature_dim(backbone), num_classes))
+    return backbone
 
 
 def model_data_config(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from transferlab.tracking import TrackedRun
 
 TASKS: dict[str, type[Task]] = {}
-BUILT_IN = ("classification", "segmentation", "detection")
+BUILT_IN = ("classification", "segmentation", "detection", "embedding")
 
 
 @dataclass
@@ -85,9 +85,10 @@ class Task:
         """The network: a pretrained ``backbone`` and new ``head`` parts."""
         raise NotImplementedError
 
-    def criterion(self, cfg: Any) -> nn.Module:
+    def criterion(self, cfg: Any) -> nn.Module | None:
         """The training loss (``module.criterion``); the default steps call it as
-        ``criterion(outputs, target)``."""
+        ``criterion(outputs, target)``. None where the network's head holds its loss (a
+        loss with parameters of its own, which must train as the head does)."""
         raise NotImplementedError
 
     def metrics(self, num_classes: int) -> MetricCollection:
@@ -134,6 +135,8 @@ class Task:
     serving_model: ClassVar[str | None] = None
     # Whether ``transferlab export`` writes the task's networks as ONNX (logits out).
     exportable: ClassVar[bool] = False
+    # Whether the networks output L2-normalised embeddings (``transferlab embed``, ``verify``).
+    embeds: ClassVar[bool] = False
 
     def preprocessing(self, cfg: Any) -> tuple[Any, str, tuple[int, int, int]]:
         """The run's eval transform for one PIL image (None: none known), its image mode and
