@@ -176,9 +176,10 @@ class SplitDataModule(pl.LightningDataModule):
         """A source this data module does not serve is one line naming those it does (no
         check where ``sources`` is empty)."""
         if cls.sources and source not in cls.sources:
+            article = "an" if cls.task[:1] in ("a", "e", "i", "o", "u") else "a"
             raise UserError(
-                f"data={source} is not a {cls.task} source: with task={cls.task} choose data= "
-                f"from {', '.join(sorted(cls.sources))}"
+                f"data={source} is not {article} {cls.task} source: with task={cls.task} "
+                f"choose data= from {', '.join(sorted(cls.sources))}"
             )
 
     def _choose_source_and_augment(self, source: str, augment: Mapping[str, Any] | None) -> None:

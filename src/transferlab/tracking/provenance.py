@@ -21,6 +21,9 @@ PACKAGES = (
     "omegaconf",
     "mlflow",
     "numpy",
+    # The tasks' own libraries: decoders (segmentation), losses and retrieval (embedding).
+    "segmentation-models-pytorch",
+    "pytorch-metric-learning",
 )
 
 
