@@ -182,6 +182,7 @@ def test_each_strategy_trains_exactly_its_parameters_on_a_detector(
 # ----------------------------------------------------------------------------- CLI runs
 
 
+@pytest.mark.slow  # 21 s on 2 cores; the classification sweep covers sweeps by default
 def test_a_sweep_of_detectors_records_map_and_compares_runs_by_it(tmp_path: Path) -> None:
     result = transferlab(
         "train", "-m", *TINY, "detector=fcos,retinanet", f"hydra.sweep.dir={tmp_path / 'sweep'}",

@@ -70,6 +70,7 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("transferlab:")]
 
 
+@pytest.mark.slow  # 42 s on 2 cores; SIGTERM and resume basics stay in the default suite
 def test_a_run_killed_mid_epoch_resumes_into_the_same_run_with_exactly_the_same_results(
     tmp_path: Path,
 ) -> None:

@@ -211,6 +211,7 @@ def test_cli_run_records_miou_and_the_report(tmp_path: Path) -> None:
     assert rows[0] == "class,iou" and rows[1].startswith("background,") and len(rows) == 12
 
 
+@pytest.mark.slow  # 25 s on 2 cores; the classification sweep covers sweeps by default
 def test_a_sweep_of_decoders_and_strategies_compares_miou(tmp_path: Path) -> None:
     result = transferlab(
         "train", "-m", *TINY, "task.decoder=unet,fpn", "finetune=linear_probe,full",

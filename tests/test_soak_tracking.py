@@ -33,6 +33,7 @@ def check_nothing_lost(row: dict) -> None:
     assert row["failed_runs"] == 0 and row["job_errors"] == [], row
 
 
+@pytest.mark.slow  # 17 s on 2 cores; test_sweeps covers parallel jobs by default
 def test_parallel_jobs_lose_no_point_in_the_sqlite_store(tmp_path: Path) -> None:
     stdout, rows = soak(tmp_path, "sqlite")
     assert "| sqlite | 2 | 10 | 60 | 60 | 0 | 0 | 0 |" in stdout
