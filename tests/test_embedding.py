@@ -222,6 +222,17 @@ def test_the_class_centres_train_in_the_heads_group_at_the_heads_rate(
     assert all(not torch.equal(b, p) for b, p in zip(before, centres, strict=True))
 
 
+def test_a_null_embedding_dim_embeds_the_backbones_pooled_features(tmp_path: Path) -> None:
+    """The untrained baseline of the README: no projection, no neck."""
+    cfg = composed(tmp_path, *TINY, "task.embedding_dim=null", "model.pretrained=false")
+    task = build_task({"name": "embedding", "embedding_dim": None})
+    network = task.build_network(cfg.model, 7).eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(network.backbone(images), dim=1)
+        assert torch.allclose(network(images), expected, atol=1e-6)
+
+
 def test_unknown_options_are_user_errors() -> None:
     with pytest.raises(UserError, match=r"unknown task\.loss 'sphereface'"):
         build_task({"name": "embedding", "loss": "sphereface"})

@@ -132,15 +132,21 @@ class EmbeddingNetwork(Classifier):
 def build_embedder(
     cfg: Mapping[str, Any] | DictConfig,
     num_classes: int,
-    embedding_dim: int,
+    embedding_dim: int | None,
     loss: str,
     loss_options: Mapping[str, Any],
 ) -> EmbeddingNetwork:
     """The ``model/`` config's backbone with an ``embedding_dim`` head, trained by ``loss``
-    over ``num_classes`` training identities."""
+    over ``num_classes`` training identities. ``embedding_dim`` None: no projection nor
+    neck, the embedding is the backbone's pooled features (the untrained baseline with
+    ``finetune=linear_probe``: only the loss's own parameters would train)."""
     config = ModelConfig.from_cfg(cfg)
     backbone = pretrained_backbone(config)
-    projection = build_head(config.head, feature_dim(backbone), embedding_dim)
-    neck = nn.Sequential(*projection, nn.BatchNorm1d(embedding_dim))
+    if embedding_dim is None:
+        embedding_dim = feature_dim(backbone)
+        neck: nn.Module = nn.Identity()
+    else:
+        projection = build_head(config.head, feature_dim(backbone), embedding_dim)
+        neck = nn.Sequential(*projection, nn.BatchNorm1d(embedding_dim))
     head = EmbeddingHead(neck, build_loss(loss, num_classes, embedding_dim, loss_options))
     return EmbeddingNetwork(backbone, head)

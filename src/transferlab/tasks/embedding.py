@@ -47,7 +47,7 @@ class Embedding(Task):
     def __init__(
         self,
         loss: str = "arcface",
-        embedding_dim: int = 128,
+        embedding_dim: int | None = 128,
         margin: float | None = None,
         scale: float | None = None,
         sub_centers: int | None = None,
@@ -58,8 +58,11 @@ class Embedding(Task):
 
         self.loss_options = {"margin": margin, "scale": scale, "sub_centers": sub_centers}
         loss_options(loss, self.loss_options)
-        if not is_whole(embedding_dim, 1):
-            raise UserError(f"task.embedding_dim={embedding_dim!r} must be a positive whole number")
+        if embedding_dim is not None and not is_whole(embedding_dim, 1):
+            raise UserError(
+                f"task.embedding_dim={embedding_dim!r} must be a positive whole number, or null "
+                "(the backbone's pooled features themselves)"
+            )
         if not 0 < float(far) < 1:
             raise UserError(f"task.far={far!r} must be a false accept rate between 0 and 1")
         if not is_whole(max_pairs, 2):
