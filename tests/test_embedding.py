@@ -233,6 +233,12 @@ def test_a_null_embedding_dim_embeds_the_backbones_pooled_features(tmp_path: Pat
         assert torch.allclose(network(images), expected, atol=1e-6)
 
 
+def test_the_corruption_suite_is_refused_before_training(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"shift=corruptions supports task=classification.*"
+                       r"this run is a task=embedding run"):  # fmt: skip
+        build_parts(composed(tmp_path, *TINY, "shift=corruptions"))
+
+
 def test_unknown_options_are_user_errors() -> None:
     with pytest.raises(UserError, match=r"unknown task\.loss 'sphereface'"):
         build_task({"name": "embedding", "loss": "sphereface"})

@@ -158,8 +158,11 @@ def build_parts(cfg: DictConfig, runtime: Runtime | None = None) -> RunParts:
     from transferlab.finetune import build_strategy
     from transferlab.module import TransferModule
     from transferlab.tasks import build_task
+    from transferlab.tasks.base import require_support
 
     task = build_task(task_options(cfg))
+    if (cfg.get("shift") or {}).get("name", "none") != "none":  # refused now, not after training
+        require_support(task, "shifted_test_set", "shift=corruptions", "this run")
     datamodule = task.build_datamodule(cfg)
     network = task.build_network(cfg.model, datamodule.num_classes)
     strategy = build_strategy(cfg.finetune)
