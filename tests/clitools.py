@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -22,6 +23,24 @@ def transferlab(
         command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **env} if env else None,
     )  # fmt: skip
+
+
+def run_id_of(stdout: str) -> str:
+    """The MLflow run id a run or an evaluation printed."""
+    match = re.search(r"MLflow run: (\w+)", stdout)
+    assert match, stdout[-2000:]
+    return match.group(1)
+
+
+def train_in(
+    cwd: Path, *args: str, env: Mapping[str, str] | None = None
+) -> tuple[Path, str, subprocess.CompletedProcess]:
+    """``transferlab train *args`` into ``cwd/outputs/run``, checked to succeed: (run folder,
+    MLflow run id, the finished process)."""
+    folder = cwd / "outputs" / "run"
+    result = transferlab("train", *args, f"hydra.run.dir={folder}", cwd=cwd, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder, run_id_of(result.stdout), result
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:

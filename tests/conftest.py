@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clitools import SMOKE, transferlab
+from clitools import SMOKE, train_in
 
 
 @pytest.fixture(scope="session")
@@ -18,10 +17,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, s
     the tests of commands that use a trained run (predict, export, eval, explain, ...).
     Tests must not change what is in it; copy it first."""
     cwd = tmp_path_factory.mktemp("trained")
-    folder = cwd / "outputs" / "run"
-    result = transferlab("train", *SMOKE, f"hydra.run.dir={folder}", cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
+    folder, run_id, _ = train_in(cwd, *SMOKE)
     return cwd, folder, run_id
 
 

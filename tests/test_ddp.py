@@ -11,12 +11,11 @@ each rank saw (tests/probes.py).
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import mlflow
 import pytest
-from clitools import composed, error_line, transferlab
+from clitools import composed, error_line, run_id_of, train_in, transferlab
 
 TESTS = Path(__file__).resolve().parent
 DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
@@ -40,10 +39,7 @@ def env() -> dict[str, str]:
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str, str]:
     """(working folder, run folder, MLflow run id, stdout) of one 2-process run."""
     cwd = tmp_path_factory.mktemp("ddp")
-    folder = cwd / "outputs" / "run"
-    result = transferlab("train", *RUN, f"hydra.run.dir={folder}", cwd=cwd, env=env())
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
+    folder, run_id, result = train_in(cwd, *RUN, env=env())
     return cwd, folder, run_id, result.stdout
 
 
@@ -79,7 +75,7 @@ def test_test_metrics_equal_a_single_process_evaluation(ddp_run) -> None:
     logged = client.get_run(run_id).data.metrics
     result = transferlab("eval", f"run={run_id}", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
-    single = client.get_run(re.search(r"MLflow run: (\w+)", result.stdout).group(1)).data.metrics
+    single = client.get_run(run_id_of(result.stdout)).data.metrics
     for name in ("test/acc", "test/f1", "test/loss"):
         assert single[name] == pytest.approx(logged[name], abs=1e-6), name
     datamodule_cfg = composed(cwd, *TINY)
@@ -258,3 +254,4 @@ def test_a_rank_that_fails_mid_epoch_ends_the_job_with_its_error(tmp_path: Path)
     last = result.stderr.strip().splitlines()[-1]  # after MLflow's notes on a new store
     assert last == "transferlab: error: DDP rank 1 failed: RuntimeError: injected failure on rank 1"
     assert "Traceback" not in result.stderr
+

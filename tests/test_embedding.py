@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from clitools import composed, error_line, sweep_runs, transferlab
+from clitools import composed, error_line, sweep_runs, train_in, transferlab
 from PIL import Image
 
 from transferlab.build import build_datamodule, build_parts
@@ -253,12 +253,10 @@ def test_unknown_options_are_user_errors() -> None:
 def embedding_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     """(working folder, run folder, MLflow run id) of one tiny real run."""
     cwd = tmp_path_factory.mktemp("embedding")
-    folder = cwd / "outputs" / "run"
-    result = transferlab("train", *TINY, f"hydra.run.dir={folder}", cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
+    folder, run_id, result = train_in(cwd, *TINY)
     for name in ("test/tar_at_far_1e-2", "test/eer", "test/map_at_r"):
         assert re.search(rf"{name}\s+\d\.\d+", result.stdout), name
-    return cwd, folder, re.search(r"MLflow run: (\w+)", result.stdout).group(1)
+    return cwd, folder, run_id
 
 
 def test_a_run_logs_the_open_set_metrics_and_the_report(embedding_run) -> None:

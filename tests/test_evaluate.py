@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from clitools import SMOKE, transferlab
+from clitools import SMOKE, run_id_of, transferlab
 from PIL import Image
 
 from transferlab.cli import main
@@ -29,10 +28,6 @@ SMALL_SUITE = [
 
 def client_at(cwd: Path) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
-
-
-def run_id_of(stdout: str) -> str:
-    return re.search(r"MLflow run: (\w+)", stdout).group(1)
 
 
 def run_count(cwd: Path) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from clitools import transferlab
+from clitools import train_in, transferlab
 from PIL import Image
 from test_mlflow_model import load_offline
 
@@ -30,10 +30,7 @@ SIZES = {"scene.png": (64, 64), "wide.jpg": (120, 90), "sub/gray.png": (37, 50)}
 def seg_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     """(working folder, run folder, MLflow run id) of one tiny real segmentation run."""
     cwd = tmp_path_factory.mktemp("segmentation")
-    folder = cwd / "outputs" / "run"
-    result = transferlab("train", *TINY_SEGMENTATION, f"hydra.run.dir={folder}", cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_id = re.search(r"MLflow run: (\w+)", result.stdout).group(1)
+    folder, run_id, result = train_in(cwd, *TINY_SEGMENTATION)
     assert f"MLflow model: runs:/{run_id}/model" in result.stdout
     return cwd, folder, run_id
 
