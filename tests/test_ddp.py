@@ -255,3 +255,10 @@ def test_a_rank_that_fails_mid_epoch_ends_the_job_with_its_error(tmp_path: Path)
     assert last == "transferlab: error: DDP rank 1 failed: RuntimeError: injected failure on rank 1"
     assert "Traceback" not in result.stderr
 
+
+def test_ddp_from_python_without_the_cli_is_one_user_error(tmp_path: Path) -> None:
+    from transferlab.errors import UserError
+    from transferlab.train import run
+
+    with pytest.raises(UserError, match="starts from the command line"):
+        run(composed(tmp_path, *DDP, *TINY, "tracking.enabled=false"))

@@ -231,6 +231,11 @@ def job_workers(cfg: Any) -> contextlib.AbstractContextManager[Any]:
         )
     from hydra.core.hydra_config import HydraConfig
 
+    if not HydraConfig.initialized():  # the workers re-run the job's command-line overrides
+        raise UserError(
+            f"trainer.devices={processes} under DDP starts from the command line "
+            "(transferlab train ...), not from transferlab.train.run(cfg)"
+        )
     overrides = list(HydraConfig.get().overrides.task)
     return Workers(overrides, str(cfg.paths.output_dir), processes)
 
